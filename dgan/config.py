@@ -1,0 +1,354 @@
+"""One typed, validated config per job: GAN training, inspector training, synthesis, tuning.
+
+The paper's values are the defaults (Sec. 3.1, 4.1 and 4.2 of Defect-GAN, WACV 2021). Presets in
+`dgan/configs/<job>/*.yaml` override them, `--config FILE` and `--set section.key=value` override
+the presets, and the result is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dgan.errors import DganError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys and wrong types are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect-GAN
+# ---------------------------------------------------------------------------------------------
+
+
+class GeneratorConfig(Section):
+    conv_dim: int = Field(64, ge=4, le=512)  # StarGAN G width
+    repeat_num: int = Field(6, ge=0, le=16)  # StarGAN residual blocks in the bottleneck
+    spade_hidden: int = Field(128, ge=4, le=1024)  # SPADE (Park et al. 2019) hidden width
+    # Ablation switches of Table 2; all off is StarGAN.
+    scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
+    ani: bool = True  # adaptive noise injection after every conv block
+    lwc: bool = True  # layer-wise composition, Eq. 1-4
+    sc: bool = True  # spatial constraints, Eq. 9-10 (needs lwc)
+
+
+class DiscriminatorConfig(Section):
+    conv_dim: int = Field(64, ge=4, le=512)  # StarGAN D width
+    # Stride-2 layers; None derives it from the image size so the last map is 2x2.
+    n_layers: int | None = Field(None, ge=2, le=8)
+    max_dim: int = Field(2048, ge=8)  # channel cap; StarGAN's D grows to 2048 at 128 px
+
+
+class GanDataConfig(Section):
+    root: Path | None = None  # None: the procedural demo set under data/demo (made when absent)
+    image_size: int = Field(128, ge=16, le=1024)  # Sec. 4.1: all images resized to 128x128
+    flip: bool = True  # random horizontal flip
+    classes: list[str] | None = None  # None: every class of the dataset
+    num_workers: int = Field(2, ge=0, le=64)
+
+
+class GanTrainConfig(Section):
+    iterations: int = Field(500_000, ge=1)  # Sec. 4.1; one iteration = one D update
+    # Sec. 4.1. Images per iteration over all processes: half normals, half defects, so one
+    # iteration does the work of one StarGAN iteration at the same batch size.
+    batch_size: int = Field(4, ge=2)
+    n_critic: int = Field(5, ge=1)  # Sec. 4.1: one G update every five D updates
+    lr_g: float = Field(2e-4, gt=0)  # Sec. 4.1
+    lr_d: float = Field(2e-4, gt=0)  # Sec. 4.1
+    lr_end: float = Field(1e-6, ge=0)  # Sec. 4.1: "reducing to 1e-6"
+    lr_decay_start: float = Field(0.0, ge=0, le=1)  # fraction of the run before linear decay
+    beta1: float = Field(0.5, ge=0, lt=1)  # Sec. 4.1, Adam
+    beta2: float = Field(0.999, ge=0, lt=1)  # Sec. 4.1, Adam
+    ema: bool = True  # EMA of G for sampling and evaluation (StyleGAN practice)
+    ema_beta: float = Field(0.999, ge=0, lt=1)
+    ema_start: int = Field(0, ge=0)  # iterations before the EMA starts tracking (copies G)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+
+
+class GanLossConfig(Section):
+    lambda_gp: float = Field(10.0, ge=0)  # WGAN-GP (Gulrajani et al. 2017), as StarGAN
+    lambda_cls_r: float = Field(2.0, ge=0)  # Eq. 11
+    lambda_cls_f: float = Field(5.0, ge=0)  # Eq. 12
+    lambda_rec: float = Field(5.0, ge=0)  # Eq. 12
+    lambda_sd_cyc: float = Field(5.0, ge=0)  # Eq. 12
+    lambda_sd_con: float = Field(1.0, ge=0)  # Eq. 12
+
+
+class LogConfig(Section):
+    run_root: Path = Path("runs")
+    experiment: str = "defect-gan"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    log_every: int = Field(100, ge=1)
+    sample_every: int = Field(5_000, ge=1)
+    checkpoint_every: int = Field(10_000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_model: bool = True  # log the final EMA generator to MLflow
+
+
+class GanConfig(Section):
+    """Everything one `dgan train gan` run needs."""
+
+    generator: GeneratorConfig = GeneratorConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    data: GanDataConfig = GanDataConfig()
+    train: GanTrainConfig = GanTrainConfig()
+    loss: GanLossConfig = GanLossConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> GanConfig:
+        if self.generator.sc and not self.generator.lwc:
+            raise ValueError(
+                "generator.sc=true needs generator.lwc=true: the spatial constraints act on the "
+                "composition map m; set generator.sc=false or generator.lwc=true"
+            )
+        size = self.data.image_size
+        if size % 4:
+            raise ValueError(
+                f"data.image_size={size} must be a multiple of 4: G downsamples by 4 (Sec. 3.1)"
+            )
+        if size & (size - 1):
+            raise ValueError(
+                f"data.image_size={size} must be a power of two (32, 64, 128, 256...): "
+                "D halves it at every layer"
+            )
+        if self.discriminator.n_layers is not None and size >> self.discriminator.n_layers < 1:
+            raise ValueError(
+                f"discriminator.n_layers={self.discriminator.n_layers} halves "
+                f"data.image_size={size} below 1 pixel; use at most {size.bit_length() - 1}"
+            )
+        if self.train.batch_size % 2:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be even: half normals, half defects"
+            )
+        if self.train.lr_end > min(self.train.lr_g, self.train.lr_d):
+            raise ValueError("train.lr_end must not exceed train.lr_g and train.lr_d")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspector, synthesis and tuning
+# ---------------------------------------------------------------------------------------------
+
+
+class InspectorModelConfig(Section):
+    arch: Literal["resnet34", "densenet121", "small"] = "resnet34"  # Sec. 4.2
+    pretrained: Path | None = None  # local torchvision state dict; nothing is downloaded
+    grl: bool = True  # source classifier through a gradient reversal layer (Sec. 3.2, Fig. 3)
+    grl_schedule: Literal["dann", "constant"] = "dann"  # DANN: 2/(1+exp(-10p))-1
+    grl_alpha: float = Field(1.0, ge=0)  # maximum strength
+
+
+class InspectorDataConfig(Section):
+    root: Path | None = None
+    synthetic: list[Path] = []  # synthesized sets in the folder format
+    synthetic_ratio: float = Field(1.0, ge=0)  # synthetic images per real image drawn
+    image_size: int = Field(224, ge=16, le=1024)  # Sec. 4.2
+    num_workers: int = Field(2, ge=0, le=64)
+
+
+class InspectorTrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)  # Sec. 4.2
+    lr: float = Field(1e-3, gt=0)  # Sec. 4.2, SGD
+    momentum: float = Field(0.9, ge=0, lt=1)  # CODEBRIM baseline
+    weight_decay: float = Field(0.0, ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+
+
+class InspectorConfig(Section):
+    """Everything one `dgan train inspector` run needs."""
+
+    model: InspectorModelConfig = InspectorModelConfig()
+    data: InspectorDataConfig = InspectorDataConfig()
+    train: InspectorTrainConfig = InspectorTrainConfig()
+    log: LogConfig = LogConfig(experiment="defect-inspector")
+
+
+class SynthConfig(Section):
+    """Everything one `dgan synth` run needs."""
+
+    generator: str | None = None  # run dir, checkpoint or MLflow model URI; None: latest run
+    normals: Path | None = None
+    out: Path = Path("synth")
+    n: int = Field(50_000, ge=1)  # Sec. 4.2: 50,000 synthesized defect samples
+    classes: list[str] | None = None
+    per_class: int | None = Field(None, ge=1)
+    region: Literal["full", "random-box", "boxes", "masks"] = "full"
+    region_path: Path | None = None
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class TuneConfig(Section):
+    """Everything one `dgan tune` search needs."""
+
+    trials: int = Field(32, ge=1)
+    metric: str = "fid_inspector"
+    mode: Literal["min", "max"] = "min"
+    max_iterations: int = Field(20_000, ge=1)
+    grace_iterations: int = Field(2_000, ge=1)  # ASHA grace period
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    storage_path: Path = Path("runs/tune")
+    base: GanConfig = GanConfig()
+
+
+JOB_CONFIGS: dict[str, type[Section]] = {
+    "gan": GanConfig,
+    "inspector": InspectorConfig,
+    "synth": SynthConfig,
+    "tune": TuneConfig,
+}
+C = TypeVar("C", bound=Section)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def preset_path(job: str, name: str) -> Path:
+    """Resolve a preset name (`demo`, `table2/stargan`) or a YAML path for `job`."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    packaged = PRESET_DIR / job / f"{name.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = sorted(
+        p.relative_to(PRESET_DIR / job).with_suffix("").as_posix()
+        for p in (PRESET_DIR / job).rglob("*.yaml")
+    )
+    raise DganError(
+        f"config {name!r} is neither a YAML file nor a preset of '{job}'. "
+        f"Presets: {', '.join(known)}.",
+        exit_code=2,
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DganError(f"{path} is not valid YAML: {err}", exit_code=2) from None
+    if not isinstance(data, dict):
+        raise DganError(f"{path} must hold a mapping of sections, not {type(data).__name__}.", 2)
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(assignment: str) -> dict[str, Any]:
+    """Turn `section.key=value` into a nested dict; the value is parsed as YAML (1e-4, true, [a])."""
+    if "=" not in assignment:
+        raise DganError(
+            f"--set {assignment!r}: expected section.key=value, e.g. --set train.batch_size=8",
+            exit_code=2,
+        )
+    dotted, raw = assignment.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise DganError(f"--set {assignment!r}: the key is empty", exit_code=2)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (without its last element) in `model`."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(model: type[BaseModel], err: ValidationError) -> str:
+    """One line per problem, naming the dotted key and what is allowed."""
+    lines = ["invalid configuration:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif e["type"] == "literal_error":
+            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if loc and not isinstance(e["input"], dict) else ""
+            lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(
+    job: str, configs: list[str] | None = None, overrides: list[str] | None = None
+) -> Any:
+    """Build the config for `job` from defaults, presets or YAML files in order, then --set pairs.
+
+    Raises DganError (exit code 2) naming each bad key and what it allows.
+    """
+    model = JOB_CONFIGS[job]
+    data: dict[str, Any] = {}
+    for name in configs or []:
+        data = _merge(data, _read_yaml(preset_path(job, name)))
+    for assignment in overrides or []:
+        data = _merge(data, parse_override(assignment))
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise DganError(format_validation_error(model, err), exit_code=2) from None
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML, as written into each run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: BaseModel) -> dict[str, Any]:
+    """`section.key -> value` pairs, as logged to MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return out
+
+
+def config_hash(config: BaseModel, exclude: tuple[str, ...] = ()) -> str:
+    """A short content hash of the config, for checkpoint compatibility and registry tags."""
+    data = {k: v for k, v in flatten(config).items() if not k.startswith(exclude)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,101 @@
+"""Defacement and restoration with a trained generator (Sec. 3.1; Fig. 5 and 6).
+
+`deface` paints defects of the asked categories onto normals, where asked; `restore` removes them.
+Both return images in [-1, 1] and the generator's spatial distribution maps m in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dgan.errors import DganError
+from dgan.models.generator import Generator
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end-exclusive
+
+
+def region_mask(
+    region: None | Tensor | Sequence[Box | Sequence[Box]], batch: int, height: int, width: int
+) -> Tensor:
+    """A (B, 1, H, W) map in [0, 1] of where defects may go: full image, boxes or given masks.
+
+    `region` is None (everywhere), a tensor (B or 1, 1, H, W) or (B, H, W), or one box list per
+    image (a single box per image is accepted too).
+    """
+    if region is None:
+        return torch.ones(batch, 1, height, width)
+    if isinstance(region, Tensor):
+        mask = region.float()
+        if mask.dim() == 3:
+            mask = mask[:, None]
+        if mask.shape[-2:] != (height, width):
+            mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")
+        return mask.expand(batch, 1, height, width).clamp(0, 1)
+    if len(region) != batch:
+        raise DganError(f"got {len(region)} box lists for {batch} images; give one per image")
+    mask = torch.zeros(batch, 1, height, width)
+    for i, boxes in enumerate(region):
+        boxes = [boxes] if boxes and isinstance(boxes[0], int) else boxes
+        for x0, y0, x1, y1 in boxes:
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                raise DganError(
+                    f"box ({x0}, {y0}, {x1}, {y1}) of image {i} is outside the "
+                    f"{width}x{height} image or empty; boxes are x0,y0,x1,y1 with 0<=x0<x1<={width}"
+                )
+            mask[i, 0, y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def control_map(labels: Tensor, where: Tensor) -> Tensor:
+    """A = label (B, C) at the pixels of `where` (B, 1, H, W) and 0 ("normal") elsewhere."""
+    return labels[:, :, None, None] * where
+
+
+def _noise_generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.inference_mode()
+def deface(
+    generator: Generator,
+    normals: Tensor,
+    labels: Tensor,
+    region: None | Tensor | Sequence = None,
+    seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Defect images and their spatial distribution maps m for normals (B, 3, H, W) in [-1, 1].
+
+    `labels` (B, C) are multi-hot target categories; `region` restricts where (see region_mask).
+    Without LWC there is no m; the returned map is then the normalised change |d - n|.
+    """
+    b, _, h, w = normals.shape
+    if labels.shape != (b, generator.num_classes):
+        raise DganError(
+            f"labels must have shape ({b}, {generator.num_classes}), got {tuple(labels.shape)}"
+        )
+    where = region_mask(region, b, h, w).to(normals.device, normals.dtype)
+    out = generator(normals, control_map(labels.to(normals), where), _noise_generator(normals.device, seed))
+    return out.image, _mask_of(out, normals)
+
+
+@torch.inference_mode()
+def restore(
+    generator: Generator, defects: Tensor, seed: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Restored normals and repaint maps for defect images (B, 3, H, W) in [-1, 1] (A = 0)."""
+    b, _, h, w = defects.shape
+    a = torch.zeros(b, generator.num_classes, h, w, device=defects.device, dtype=defects.dtype)
+    out = generator(defects, a, _noise_generator(defects.device, seed))
+    return out.image, _mask_of(out, defects)
+
+
+def _mask_of(out, inputs: Tensor) -> Tensor:
+    if out.defect_mask is not None:
+        return out.defect_mask
+    change = (out.image - inputs).abs().mean(1, keepdim=True)
+    return change / change.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)

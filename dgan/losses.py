@@ -1,0 +1,62 @@
+"""Defect-GAN's loss terms (Sec. 3.1 and 4.1), one function per term, each citing its equation.
+
+The trainer composes them into Eq. 11 (D) and Eq. 12 (G). Eq. 5 is replaced by WGAN-GP, as
+Sec. 4.1 says the implementation does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def adversarial_loss_d(real_src: Tensor, fake_src: Tensor) -> Tensor:
+    """-L_adv for D (Eq. 5 as WGAN, Sec. 4.1): push D_src up on real, down on fake."""
+    return fake_src.mean() - real_src.mean()
+
+
+def adversarial_loss_g(fake_src: Tensor) -> Tensor:
+    """L_adv for G (Eq. 5 as WGAN, Sec. 4.1): make D_src score the fakes as real."""
+    return -fake_src.mean()
+
+
+def gradient_penalty(grad: Tensor) -> Tensor:
+    """WGAN-GP's penalty (Sec. 4.1, Gulrajani et al.): (||dD_src/dx_hat||_2 - 1)^2, batch mean.
+
+    `grad` is the gradient of D_src at the interpolates; the trainer takes it with
+    create_graph=True so the penalty itself can be backpropagated.
+    """
+    norm = grad.flatten(1).norm(2, dim=1)
+    return ((norm - 1) ** 2).mean()
+
+
+def classification_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
+    """L_cls^r (Eq. 6) on real samples and L_cls^f (Eq. 7) on generated ones.
+
+    Categories are not exclusive, so -log D_cls(c|x) is a per-category binary cross-entropy,
+    summed over categories and averaged over the batch (StarGAN's multi-label form).
+    """
+    bce = F.binary_cross_entropy_with_logits(cls_logits, labels, reduction="sum")
+    return bce / cls_logits.shape[0]
+
+
+def reconstruction_loss(x: Tensor, x_reconstructed: Tensor) -> Tensor:
+    """L_rec, Eq. 8: mean L1 between an input and its cycle reconstruction (n vs n^, d vs d^)."""
+    return (x - x_reconstructed).abs().mean()
+
+
+def sd_cycle_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
+    """L_sd-cyc, Eq. 9: the repaint map of restoration should equal the defect map it undoes."""
+    return (defect_mask - repaint_mask).abs().mean()
+
+
+def sd_region_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
+    """L_sd-con, Eq. 10: L1 of both maps towards 0, so neither layer takes over the image."""
+    return defect_mask.abs().mean() + repaint_mask.abs().mean()
+
+
+def interpolate(real: Tensor, fake: Tensor, alpha: Tensor) -> Tensor:
+    """Random points between real and fake samples, where WGAN-GP evaluates the penalty."""
+    a = alpha.view(-1, 1, 1, 1).to(real.dtype)
+    return torch.lerp(fake, real, a)

@@ -1,0 +1,31 @@
+"""Networks: Defect-GAN's generator and discriminator, and the defect inspector."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dgan.config import GanConfig
+    from dgan.models.discriminator import Discriminator
+    from dgan.models.generator import Generator
+
+
+def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discriminator]:
+    """G and D as the config describes them."""
+    from dgan.models.discriminator import Discriminator
+    from dgan.models.generator import Generator
+
+    g, d = config.generator, config.discriminator
+    generator = Generator(
+        num_classes,
+        conv_dim=g.conv_dim,
+        repeat_num=g.repeat_num,
+        spade_hidden=g.spade_hidden,
+        scc=g.scc,
+        ani=g.ani,
+        lwc=g.lwc,
+    )
+    discriminator = Discriminator(
+        config.data.image_size, num_classes, d.conv_dim, d.n_layers, d.max_dim
+    )
+    return generator, discriminator

@@ -1,0 +1,44 @@
+"""Defect-GAN's discriminator D (Sec. 3.1): StarGAN's, a PatchGAN D_src and a multi-label D_cls.
+
+The depth follows the image size so that the last feature map is 2x2 (StarGAN at 128 px uses six
+stride-2 layers); a fixed depth breaks at other sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def default_depth(image_size: int) -> int:
+    """Stride-2 layers that take `image_size` down to a 2x2 map: 6 at 128 px, 4 at 32 px."""
+    return max(1, int(math.log2(image_size)) - 1)
+
+
+class Discriminator(nn.Module):
+    """D(x) -> (D_src patch logits (B, 1, h, w), D_cls logits (B, C))."""
+
+    def __init__(
+        self,
+        image_size: int,
+        num_classes: int,
+        conv_dim: int = 64,
+        n_layers: int | None = None,
+        max_dim: int = 2048,
+    ) -> None:
+        super().__init__()
+        n_layers = n_layers or default_depth(image_size)
+        layers: list[nn.Module] = []
+        in_ch, out_ch = 3, conv_dim
+        for _ in range(n_layers):
+            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.01)]
+            in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
+        self.main = nn.Sequential(*layers)
+        final = image_size >> n_layers
+        self.src = nn.Conv2d(in_ch, 1, 3, padding=1, bias=False)  # PatchGAN head
+        self.cls = nn.Conv2d(in_ch, num_classes, final, bias=False)  # one logit per category
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.main(x)
+        return self.src(h), self.cls(h).flatten(1)

@@ -1,0 +1,168 @@
+"""Defect-GAN's generator G (Sec. 3.1, Fig. 2), with the Table 2 switches on one network.
+
+Encoder (stride 4) -> residual bottleneck -> decoder, as StarGAN's G, plus:
+- SCC: the attribute control map A (B, C, H, W) enters every decoder block through SPADE.
+- ANI: Gaussian noise, scaled by one learned scalar, after every conv block.
+- LWC: G paints a foreground f and a spatial distribution map m; the output is
+  x * (1 - m) + f * m (Eq. 1-4).
+With every switch off, G is StarGAN's: A's channels are concatenated to the input image.
+
+"Normal" is encoded as A = 0: A[c, y, x] is the presence of defect c at (y, x) (Sec. 3.1), so a
+pixel with no defect present is a normal pixel. Restoration uses A = 0 everywhere, and a spatial
+map at inference (a box, a mask) is 0 outside its region, i.e. "leave this area normal".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def instance_norm(channels: int, affine: bool = True) -> nn.InstanceNorm2d:
+    # track_running_stats=False: running buffers break two forwards before one backward in DDP.
+    return nn.InstanceNorm2d(channels, affine=affine, track_running_stats=False)
+
+
+class NoiseInjection(nn.Module):
+    """ANI: x + w * N(0, 1), one learned scalar w per injection, initialised to 0 (Sec. 3.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise_strength = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, _, h, w = x.shape
+        noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype, generator=generator)
+        return x + self.noise_strength.to(x.dtype) * noise
+
+
+class SPADE(nn.Module):
+    """Param-free instance norm modulated by gamma and beta predicted from the control map A."""
+
+    def __init__(self, channels: int, control_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = instance_norm(channels, affine=False)
+        self.shared = nn.Sequential(nn.Conv2d(control_channels, hidden, 3, padding=1), nn.ReLU())
+        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, control_map: Tensor) -> Tensor:
+        a = nn.functional.interpolate(control_map, size=x.shape[2:], mode="nearest")
+        h = self.shared(a)
+        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+
+
+class Norm(nn.Module):
+    """SPADE when SCC is on, affine instance norm otherwise; same call either way."""
+
+    def __init__(self, channels: int, control_channels: int, hidden: int, spade: bool) -> None:
+        super().__init__()
+        self.spade = SPADE(channels, control_channels, hidden) if spade else None
+        self.norm = None if spade else instance_norm(channels)
+
+    def forward(self, x: Tensor, control_map: Tensor) -> Tensor:
+        return self.spade(x, control_map) if self.spade is not None else self.norm(x)
+
+
+class ResidualBlock(nn.Module):
+    """StarGAN's residual block; its norms become SPADE in the decoder half when SCC is on."""
+
+    def __init__(self, dim: int, control_channels: int, hidden: int, spade: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.norm1 = Norm(dim, control_channels, hidden, spade)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.norm2 = Norm(dim, control_channels, hidden, spade)
+
+    def forward(self, x: Tensor, control_map: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x), control_map))
+        return x + self.norm2(self.conv2(h), control_map)
+
+
+@dataclass
+class GeneratorOutput:
+    """What G returns: the composed image, and the LWC layers (None when LWC is off)."""
+
+    image: Tensor
+    foreground: Tensor | None
+    defect_mask: Tensor | None
+
+
+class Generator(nn.Module):
+    """G(x, A) -> GeneratorOutput. x in [-1, 1], A in [0, 1] with one channel per category."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        conv_dim: int = 64,
+        repeat_num: int = 6,
+        spade_hidden: int = 128,
+        scc: bool = True,
+        ani: bool = True,
+        lwc: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
+        c, d = num_classes, conv_dim
+        in_channels = 3 if scc else 3 + c  # StarGAN: label concatenated to the image
+
+        def conv_block(conv: nn.Module, out: int) -> nn.ModuleDict:
+            return nn.ModuleDict({"conv": conv, "norm": instance_norm(out)})
+
+        self.encoder = nn.ModuleList(
+            [
+                conv_block(nn.Conv2d(in_channels, d, 7, padding=3, bias=False), d),
+                conv_block(nn.Conv2d(d, 2 * d, 4, stride=2, padding=1, bias=False), 2 * d),
+                conv_block(nn.Conv2d(2 * d, 4 * d, 4, stride=2, padding=1, bias=False), 4 * d),
+            ]
+        )
+        # The first half of the bottleneck encodes; the second half decodes under A's control.
+        n_enc = repeat_num - repeat_num // 2
+        self.bottleneck = nn.ModuleList(
+            ResidualBlock(4 * d, c, spade_hidden, spade=scc and i >= n_enc)
+            for i in range(repeat_num)
+        )
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(4 * d >> i, 2 * d >> i, 4, stride=2, padding=1, bias=False)
+            for i in range(2)
+        )
+        self.up_norm = nn.ModuleList(Norm(2 * d >> i, c, spade_hidden, scc) for i in range(2))
+        n_noise = len(self.encoder) + repeat_num + len(self.up)
+        self.noise = nn.ModuleList(NoiseInjection() for _ in range(n_noise if ani else 0))
+        self.to_foreground = nn.Conv2d(d, 3, 7, padding=3)
+        self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
+
+    def forward(
+        self, x: Tensor, control_map: Tensor, generator: torch.Generator | None = None
+    ) -> GeneratorOutput:
+        noise = iter(self.noise)
+
+        def inject(h: Tensor) -> Tensor:
+            return next(noise)(h, generator) if self.ani else h
+
+        h = x if self.scc else torch.cat([x, control_map], dim=1)
+        for block in self.encoder:
+            h = inject(torch.relu(block["norm"](block["conv"](h))))
+        for block in self.bottleneck:
+            h = inject(block(h, control_map))
+        for up, norm in zip(self.up, self.up_norm, strict=True):
+            h = inject(torch.relu(norm(up(h), control_map)))
+        foreground = torch.tanh(self.to_foreground(h))
+        if self.to_mask is None:
+            return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)
+        defect_mask = torch.sigmoid(self.to_mask(h))
+        return GeneratorOutput(
+            image=compose(x, foreground, defect_mask), foreground=foreground, defect_mask=defect_mask
+        )
+
+
+def compose(background: Tensor, foreground: Tensor, defect_mask: Tensor) -> Tensor:
+    """Layer-wise composition, Eq. 2 and 4: background * (1 - m) + foreground * m."""
+    return background * (1 - defect_mask) + foreground * defect_mask
+
+
+def control_map_from_labels(labels: Tensor, height: int, width: int) -> Tensor:
+    """A for training (Sec. 3.1): the multi-hot target label repeated over every pixel."""
+    return labels[:, :, None, None].expand(-1, -1, height, width)

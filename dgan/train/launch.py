@@ -1,0 +1,181 @@
+"""Start a training job on 1..N processes without the user writing an accelerate config.
+
+- one process: in this process;
+- `--gpus N`: this process validates the config, checks the data and creates the run directory,
+  then starts N workers through Accelerate's launcher (`python -m dgan.train.launch`);
+- under a launcher the user started (`accelerate launch`, `torchrun`): every process runs the job;
+  the main one creates the run directory and the others receive its path.
+
+On a machine without GPUs, N processes run DDP over gloo: ACCELERATE_USE_CPU=1 with --multi_gpu,
+since `--cpu --num_processes N` silently starts one process. The trainer checks the count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from dgan.config import GanConfig, load_config, to_yaml
+from dgan.errors import DganError
+from dgan.io import atomic_write_text
+from dgan.train import checkpoint as ckpt
+
+
+def under_launcher() -> bool:
+    """True when a distributed launcher started this process with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_run(
+    config: GanConfig, resume: str | None, run_name: str
+) -> tuple[GanConfig, Path, Path | None]:
+    """Check everything before any work: data usable, resume target valid. Then make the run dir.
+
+    Returns (config with data.root resolved, run directory, checkpoint to resume or None).
+    """
+    from dgan.data import ensure_demo_dataset
+    from dgan.data.check import require_usable
+
+    resume_path = None
+    if resume is not None:
+        resume_path = ckpt.resolve_resume(resume, config.log.run_root, "gan")
+    if config.data.root is None:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"root": ensure_demo_dataset()})})
+    index = require_usable(config.data.root)
+    if config.data.classes:
+        from dgan.data.loader import select_classes
+
+        select_classes(index, config.data.classes)
+    if resume_path is not None:
+        return config, resume_path.parent.parent, resume_path
+    run_dir = ckpt.new_run_dir(config.log.run_root, "gan", run_name)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(config))
+    ckpt.write_status(run_dir, state="created")
+    return config, run_dir, None
+
+
+def run_gan(
+    config: GanConfig,
+    resume: str | None = None,
+    gpus: int = 1,
+    quiet: bool = False,
+    run_name: str = "gan",
+    stop_at: int | None = None,
+) -> Path:
+    """Train Defect-GAN on `gpus` processes (see module docstring). Returns the run directory.
+
+    `stop_at` pauses the run at that iteration with a checkpoint (see train_gan).
+    """
+    if gpus < 1:
+        raise DganError(f"--gpus must be at least 1, got {gpus}", exit_code=2)
+    if under_launcher():
+        return _run_in_launched_process(config, resume, quiet, run_name, stop_at)
+    config, run_dir, resume_path = prepare_run(config, resume, run_name)
+    if gpus == 1:
+        from dgan.train.gan import train_gan
+
+        return train_gan(config, run_dir, resume_path, quiet=quiet, stop_at=stop_at)
+    _spawn(run_dir, resume_path, gpus, config.train.mixed_precision, quiet, stop_at)
+    return run_dir
+
+
+def _spawn(
+    run_dir: Path,
+    resume: Path | None,
+    gpus: int,
+    mixed_precision: str,
+    quiet: bool,
+    stop_at: int | None,
+) -> None:
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(gpus), "--num_machines", "1",
+        "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", "dgan.train.launch", "--run-dir", str(run_dir), "--expected-processes", str(gpus),
+    ]  # fmt: skip
+    if resume is not None:
+        cmd += ["--resume", str(resume)]
+    if quiet:
+        cmd.append("--quiet")
+    if stop_at is not None:
+        cmd += ["--stop-at", str(stop_at)]
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        status = ckpt.read_status(run_dir).get("state", "unknown")
+        raise DganError(
+            f"the {gpus}-process run in {run_dir} exited with code {result.returncode} "
+            f"(state: {status}); its output is above."
+        )
+
+
+def _run_in_launched_process(
+    config: GanConfig, resume: str | None, quiet: bool, run_name: str, stop_at: int | None
+) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    from dgan.train.gan import make_accelerator, train_gan
+
+    accelerator = make_accelerator(config, int(os.environ["WORLD_SIZE"]))
+    shared: list = [None]
+    if accelerator.is_main_process:
+        try:
+            shared[0] = prepare_run(config, resume, run_name)
+        except DganError as err:
+            shared[0] = err
+    broadcast_object_list(shared)
+    if isinstance(shared[0], DganError):
+        raise shared[0]
+    config, run_dir, resume_path = shared[0]
+    return train_gan(
+        config, run_dir, resume_path, accelerator=accelerator, quiet=quiet, stop_at=stop_at
+    )
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    """Entry of each worker that `_spawn` starts: the config comes from the run directory."""
+    parser = argparse.ArgumentParser(prog="python -m dgan.train.launch")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--resume", type=Path)
+    parser.add_argument("--expected-processes", type=int, required=True)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--stop-at", type=int)
+    args = parser.parse_args(argv)
+    from dgan.train.gan import make_accelerator, train_gan
+
+    try:
+        config = load_config("gan", [str(args.run_dir / "config.yaml")])
+        accelerator = make_accelerator(config, args.expected_processes)
+        train_gan(
+            config,
+            args.run_dir,
+            args.resume,
+            accelerator=accelerator,
+            quiet=args.quiet,
+            stop_at=args.stop_at,
+        )
+    except DganError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny datasets and a tiny Defect-GAN config that trains in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+TINY_GAN = [
+    "data.image_size=16",
+    "data.num_workers=0",
+    "generator.conv_dim=8",
+    "generator.repeat_num=2",
+    "generator.spade_hidden=8",
+    "discriminator.conv_dim=8",
+    "train.batch_size=4",
+    "log.log_every=2",
+    "log.sample_every=5",
+    "log.checkpoint_every=5",
+]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    from fakes import make_folder_dataset
+
+    return make_folder_dataset(tmp_path / "data", n_normal=12, n_defect=12, size=32)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory, so runs/, mlflow.db and mlruns/ stay inside the test's tmp."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return work
+
+
+def tiny_gan_config(root: Path, *extra: str):
+    from dgan.config import load_config
+
+    return load_config("gan", [], [*TINY_GAN, f"data.root={root}", *extra])

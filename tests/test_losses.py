@@ -1,0 +1,56 @@
+"""Each Defect-GAN loss term against a value computed by hand on a tiny tensor."""
+
+import math
+
+import pytest
+import torch
+
+from dgan import losses
+
+
+def test_adversarial_losses_are_wgan_critic_differences():
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([0.5, -0.5])
+    assert losses.adversarial_loss_d(real, fake).item() == pytest.approx(0.0 - 2.0)
+    assert losses.adversarial_loss_g(fake).item() == pytest.approx(0.0)
+    assert losses.adversarial_loss_g(torch.tensor([2.0, 4.0])).item() == pytest.approx(-3.0)
+
+
+def test_gradient_penalty_is_squared_distance_of_gradient_norm_from_one():
+    grad = torch.tensor([[[[3.0, 4.0]]], [[[0.0, 1.0]]]])  # norms 5 and 1
+    assert losses.gradient_penalty(grad).item() == pytest.approx(((5 - 1) ** 2 + 0) / 2)
+
+
+def test_classification_loss_sums_binary_cross_entropy_over_categories_per_sample():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    def bce(z, y):
+        p = 1 / (1 + math.exp(-z))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    expected = (bce(0, 1) + bce(2, 0) + bce(-1, 0) + bce(0, 1)) / 2
+    assert losses.classification_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_reconstruction_loss_is_mean_absolute_error():
+    x = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
+    y = torch.tensor([[0.0, -1.0], [0.0, 1.0]])
+    assert losses.reconstruction_loss(x, y).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_sd_cycle_loss_compares_defect_map_with_repaint_map():
+    m_d = torch.tensor([0.2, 0.8, 0.0, 1.0])
+    m_rep = torch.tensor([0.2, 0.4, 0.5, 1.0])
+    assert losses.sd_cycle_loss(m_d, m_rep).item() == pytest.approx((0 + 0.4 + 0.5 + 0) / 4)
+
+
+def test_sd_region_loss_penalises_both_maps_towards_zero():
+    m_d = torch.tensor([0.2, 0.6])
+    m_rep = torch.tensor([0.1, 0.1])
+    assert losses.sd_region_loss(m_d, m_rep).item() == pytest.approx(0.4 + 0.1)
+
+
+def test_interpolate_mixes_real_and_fake_by_alpha():
+    real, fake = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
+    mixed = losses.interpolate(real, fake, torch.tensor([0.25, 1.0]))
+    assert mixed.flatten().tolist() == pytest.approx([0.25, 1.0])

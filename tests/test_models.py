@@ -1,0 +1,96 @@
+"""The generator's Table 2 switches, layer-wise composition, control maps, and D's depth."""
+
+import pytest
+import torch
+
+from dgan.errors import DganError
+from dgan.inference import deface, region_mask, restore
+from dgan.models.discriminator import Discriminator, default_depth
+from dgan.models.generator import SPADE, Generator, NoiseInjection, compose
+
+C = 5
+
+
+def tiny(**switches) -> Generator:
+    torch.manual_seed(0)
+    return Generator(C, conv_dim=8, repeat_num=2, spade_hidden=8, **switches)
+
+
+def test_layer_wise_composition_keeps_background_where_mask_is_zero():
+    G = tiny()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = G(x, torch.zeros(2, C, 16, 16))
+    assert out.defect_mask.shape == (2, 1, 16, 16)
+    assert out.defect_mask.min() >= 0 and out.defect_mask.max() <= 1
+    torch.testing.assert_close(out.image, compose(x, out.foreground, out.defect_mask))
+    m = torch.zeros(1, 1, 2, 2)
+    bg, fg = torch.full((1, 3, 2, 2), 0.3), torch.full((1, 3, 2, 2), -0.7)
+    assert torch.equal(compose(bg, fg, m), bg)
+    assert torch.equal(compose(bg, fg, m + 1), fg)
+
+
+def test_all_switches_off_is_stargan_with_label_concatenated_to_input():
+    G = tiny(scc=False, ani=False, lwc=False)
+    assert G.encoder[0]["conv"].in_channels == 3 + C
+    assert not any(isinstance(m, (SPADE, NoiseInjection)) for m in G.modules())
+    out = G(torch.zeros(1, 3, 16, 16), torch.zeros(1, C, 16, 16))
+    assert out.defect_mask is None and out.foreground is None
+
+
+def test_scc_feeds_the_control_map_through_spade_in_the_decoder_only():
+    G = tiny(scc=True, ani=False)
+    assert G.encoder[0]["conv"].in_channels == 3
+    spades = [m for m in G.modules() if isinstance(m, SPADE)]
+    assert len(spades) == 2 * 1 + 2  # one decoder residual block (2 norms) + 2 up blocks
+    x = torch.rand(1, 3, 16, 16)
+    a0, a1 = torch.zeros(1, C, 16, 16), torch.zeros(1, C, 16, 16)
+    a1[:, 0] = 1
+    with torch.no_grad():
+        for s in spades:  # SPADE starts near identity; make A's effect visible
+            s.gamma.weight.normal_()
+    assert not torch.allclose(G(x, a0).image, G(x, a1).image)
+
+
+def test_adaptive_noise_has_one_learned_scalar_per_conv_block_starting_at_zero():
+    G = tiny(ani=True)
+    strengths = [m.noise_strength for m in G.modules() if isinstance(m, NoiseInjection)]
+    assert len(strengths) == 3 + 2 + 2  # encoder blocks + residual blocks + up blocks
+    assert all(s.item() == 0.0 and s.requires_grad for s in strengths)
+    with torch.no_grad():
+        for s in strengths:
+            s.fill_(0.5)
+    x, a = torch.rand(1, 3, 16, 16), torch.zeros(1, C, 16, 16)
+    assert not torch.allclose(G(x, a).image, G(x, a).image)  # stochastic variation
+    g1 = torch.Generator().manual_seed(3)
+    g2 = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(G(x, a, g1).image, G(x, a, g2).image)  # seeded noise repeats
+
+
+def test_deface_places_the_label_only_inside_the_asked_box():
+    where = region_mask([[(2, 4, 10, 8)]], 1, 16, 16)
+    assert where.sum().item() == 8 * 4
+    assert where[0, 0, 4:8, 2:10].min().item() == 1.0
+    G = tiny()
+    images, masks = deface(G, torch.zeros(1, 3, 16, 16), torch.eye(C)[:1], region=[[(2, 4, 10, 8)]], seed=0)
+    assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)
+    restored, repaint = restore(G, images, seed=0)
+    assert restored.shape == images.shape and repaint.shape == masks.shape
+
+
+@pytest.mark.parametrize("box", [(0, 0, 17, 4), (5, 5, 5, 9), (-1, 0, 4, 4)])
+def test_out_of_range_or_empty_boxes_are_refused(box):
+    with pytest.raises(DganError, match="outside"):
+        region_mask([[box]], 1, 16, 16)
+
+
+def test_deface_refuses_labels_of_the_wrong_width():
+    with pytest.raises(DganError, match="labels must have shape"):
+        deface(tiny(), torch.zeros(1, 3, 16, 16), torch.zeros(1, C + 1))
+
+
+@pytest.mark.parametrize("size,depth", [(32, 4), (64, 5), (128, 6)])
+def test_discriminator_depth_follows_image_size_to_a_2x2_patch_map(size, depth):
+    assert default_depth(size) == depth
+    D = Discriminator(size, C, conv_dim=4, max_dim=16)
+    src, cls = D(torch.zeros(2, 3, size, size))
+    assert src.shape == (2, 1, 2, 2) and cls.shape == (2, C)

@@ -1,0 +1,172 @@
+"""`dgan train gan`: a run's outputs, exact resume, the divergence guard, Ctrl-C and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_GAN, tiny_gan_config
+
+from dgan.errors import DganError
+from dgan.train import checkpoint as ckpt
+from dgan.train.launch import run_gan
+
+DGAN = [sys.executable, "-m", "cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    return {f"{net}.{k}": v for net in ("G", "D", "G_ema") for k, v in state[net].items()}
+
+
+def test_a_run_writes_config_checkpoints_samples_generator_and_mlflow_metrics(tiny_folder, workdir):
+    config = tiny_gan_config(tiny_folder, "train.iterations=10", "log.keep_checkpoints=1")
+    run_dir = run_gan(config, quiet=True)
+    assert (run_dir / "config.yaml").read_text().count("image_size: 16") == 1
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["iter-00000010"]  # last K=1 kept
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "iter-00000005.png",
+        "iter-00000010.png",
+    ]
+    assert {p.name for p in (run_dir / "generator").iterdir()} == {
+        "model.safetensors",
+        "config.yaml",
+        "classes.json",
+    }
+    status = ckpt.read_status(run_dir)
+    assert status["state"] == "finished" and status["iteration"] == 10
+
+    import mlflow
+
+    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.n_critic"] == "5"
+    assert run.data.params["loss.lambda_sd_cyc"] == "5.0"
+    history = client.get_metric_history(run.info.run_id, "g_rec")
+    assert [m.step for m in history] == [6, 10]  # G updates at 5 and 10 fall in these windows
+    assert {m.key for m in client.get_metric_history(run.info.run_id, "d_gp")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "generator"} <= artifacts
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_folder, workdir):
+    # Noise injection on: the RNG state travels with the checkpoint.
+    straight = run_gan(tiny_gan_config(tiny_folder, "train.iterations=10"), quiet=True)
+    config = tiny_gan_config(tiny_folder, "train.iterations=10", "log.checkpoint_every=3")
+    first = run_gan(config, quiet=True, stop_at=5)
+    assert ckpt.read_status(first)["state"] == "paused"
+    assert ckpt.checkpoint_iteration(ckpt.list_checkpoints(first)[-1]) == 5
+    resumed = run_gan(config, resume=str(first), quiet=True)
+    assert resumed == first
+    a = weights(straight / "checkpoints" / "iter-00000010")
+    b = weights(resumed / "checkpoints" / "iter-00000010")
+    assert ckpt.read_status(resumed)["state"] == "finished"
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_term_and_keeps_last_good_checkpoint(
+    tiny_folder, workdir, monkeypatch
+):
+    from dgan import losses
+
+    calls = {"n": 0}
+    real = losses.reconstruction_loss
+
+    def poisoned(x, y):
+        calls["n"] += 1  # the second G update (iteration 10) returns NaN
+        return real(x, y) * (float("nan") if calls["n"] >= 2 else 1.0)
+
+    monkeypatch.setattr(losses, "reconstruction_loss", poisoned)
+    config = tiny_gan_config(tiny_folder, "train.iterations=12", "log.log_every=100")
+    with pytest.raises(DganError, match=r"g_rec became NaN/inf at iteration 10"):
+        run_gan(config, quiet=True)
+    run_dir = next((workdir / "runs" / "gan").iterdir())
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["iter-00000005"]
+    assert ckpt.read_status(run_dir)["state"] == "failed"
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_differing_keys(tiny_folder, workdir):
+    first = run_gan(tiny_gan_config(tiny_folder, "train.iterations=5"), quiet=True)
+    other = tiny_gan_config(tiny_folder, "train.iterations=10", "generator.conv_dim=16")
+    with pytest.raises(DganError, match=r"generator.conv_dim: checkpoint 8, now 16"):
+        run_gan(other, resume=str(first), quiet=True)
+
+
+def test_resume_path_that_is_not_a_checkpoint_is_refused(tiny_folder, workdir):
+    (workdir / "junk").mkdir()
+    with pytest.raises(DganError, match="not a checkpoint"):
+        run_gan(tiny_gan_config(tiny_folder), resume=str(workdir / "junk"), quiet=True)
+    with pytest.raises(DganError, match="no run under"):
+        run_gan(tiny_gan_config(tiny_folder), resume="latest", quiet=True)
+
+
+def test_dataset_without_defects_is_refused_before_a_run_directory_exists(tmp_path, workdir):
+    from fakes import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "normals-only", n_normal=6, n_defect=0, size=32)
+    with pytest.raises(DganError, match="defect"):
+        run_gan(tiny_gan_config(root), quiet=True)
+    assert not (workdir / "runs" / "gan").exists() or not any((workdir / "runs" / "gan").iterdir())
+
+
+def test_unknown_category_is_refused_naming_the_dataset_classes(tiny_folder, workdir):
+    with pytest.raises(DganError, match=r"unknown category rust.*crack, spallation"):
+        run_gan(tiny_gan_config(tiny_folder, "data.classes=[crack, rust]"), quiet=True)
+
+
+def _cli(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([*DGAN, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "data.image_size=48"], "must be a power of two"),
+        (["--set", "data.image_size=8"], "greater than or equal to 16"),
+        (["--set", "train.batch_size=3"], "must be even"),
+        (["--set", "train.bogus=1"], "train.bogus: unknown key; allowed here: batch_size"),
+        (["--set", "generator.sc=true", "--set", "generator.lwc=false"], "needs generator.lwc"),
+        (["--config", "nope"], "Presets: demo, paper, table2/full"),
+    ],
+)
+def test_cli_rejects_bad_config_with_exit_2_and_no_traceback(args, message, workdir):
+    result = _cli("train", "gan", *args, cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, workdir):
+    args = ["train", "gan", "--quiet", "--data", str(tiny_folder), "--config", "paper"]
+    args += [f"--set={s}" for s in TINY_GAN] + ["--set=train.iterations=100000", "--set=log.log_every=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [*DGAN, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith(" 3/") or line.lstrip().startswith("3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at iteration" in out
+    run_dir = next((workdir / "runs" / "gan").iterdir())
+    assert ckpt.read_status(run_dir)["state"] == "interrupted"
+    saved = ckpt.list_checkpoints(run_dir)
+    assert saved and ckpt.checkpoint_iteration(saved[-1]) >= 3
+    result = _cli("train", "gan", "--quiet", "--resume", "latest", "--set", "train.iterations=" + str(ckpt.checkpoint_iteration(saved[-1]) + 2), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.read_status(run_dir)["state"] == "finished"
+    assert json.loads((run_dir / "status.json").read_text())["iteration"] == ckpt.checkpoint_iteration(saved[-1]) + 2
