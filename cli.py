@@ -96,7 +96,9 @@ def data_demo(
 def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset root: folder format or CODEBRIM.")],
     min_size: Annotated[int, typer.Option(help="Smallest acceptable image side.")] = 32,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON.")
+    ] = None,
 ) -> None:
     """Report counts per class and split, co-occurrence, sizes, and every problem file.
 
@@ -219,7 +221,9 @@ def config_show(
 @app.command("demo")
 @friendly
 def demo(
-    iterations: Annotated[int | None, typer.Option(help="Override the demo preset's length.")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Override the demo preset's length.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="Plain progress lines.")] = False,
 ) -> None:
     """The whole product on 2 CPU cores: make the demo set, check it, train Defect-GAN on it.

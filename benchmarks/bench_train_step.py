@@ -34,7 +34,9 @@ def busy_note() -> str:
     )
 
 
-def time_setting(size: int, batch: int, width: int, switches: bool, repeats: int, d_layers: int | None):
+def time_setting(
+    size: int, batch: int, width: int, switches: bool, repeats: int, d_layers: int | None
+):
     overrides = [
         f"data.image_size={size}",
         f"train.batch_size={batch}",
@@ -91,16 +93,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {busy_note()}")
-    print(f"batch {args.batch}, conv_dim {args.width}, n_critic 5; seconds are medians of {args.repeats}")
+    print(
+        f"batch {args.batch}, conv_dim {args.width}, n_critic 5; "
+        f"seconds are medians of {args.repeats}"
+    )
     for size in args.size:
         # StarGAN's D: 6 stride-2 layers, 5 at 32 px (as in the reference timing).
         d_layers = 5 if size == 32 else 6
         rows = {
-            "stargan setting": time_setting(size, args.batch, args.width, False, args.repeats, d_layers),
+            "stargan setting": time_setting(
+                size, args.batch, args.width, False, args.repeats, d_layers
+            ),
             "defect-gan": time_setting(size, args.batch, args.width, True, args.repeats, d_layers),
         }
         print(f"\n{size} px")
-        print(f"  {'setting':<16} {'G/D Mparams':>12} {'D-only s':>9} {'D+G s':>8} {'mean s/it':>10} {'img/s':>7} {'G fwd s':>8}")
+        print(
+            f"  {'setting':<16} {'G/D Mparams':>12} {'D-only s':>9} {'D+G s':>8} "
+            f"{'mean s/it':>10} {'img/s':>7} {'G fwd s':>8}"
+        )
         for name, r in rows.items():
             print(
                 f"  {name:<16} {r['pg']:5.1f}/{r['pd']:<6.1f} {r['d']:9.3f} {r['dg']:8.3f} "
@@ -110,10 +120,16 @@ def main() -> None:
         lo, hi = STARGAN_REFERENCE.get(size, (float("nan"),) * 2)
         mlo, mhi = STARGAN_REFERENCE_MEAN.get(size, (float("nan"),) * 2)
         print(f"  official StarGAN (FIELD-NOTES): median {lo}-{hi} s/it, mean {mlo}-{mhi} s/it")
-        print(f"  stargan setting / official median: {s['mean'] / ((lo + hi) / 2):.2f}x (goal <= 0.8x)")
+        print(
+            f"  stargan setting / official median: "
+            f"{s['mean'] / ((lo + hi) / 2):.2f}x (goal <= 0.8x)"
+        )
         print(f"  defect-gan / stargan setting:      {full['mean'] / s['mean']:.2f}x (goal <= 2x)")
         if size == 128:
-            print(f"  defect-gan / de-i2i-gan mean {DE_I2I_GAN_MEAN_128} s: {full['mean'] / DE_I2I_GAN_MEAN_128:.2f}x (goal <= 0.5x)")
+            print(
+                f"  defect-gan / de-i2i-gan mean {DE_I2I_GAN_MEAN_128} s: "
+                f"{full['mean'] / DE_I2I_GAN_MEAN_128:.2f}x (goal <= 0.5x)"
+            )
     print(f"\n{busy_note()}")
 
 

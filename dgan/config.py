@@ -143,23 +143,33 @@ class GanConfig(Section):
 
 
 class InspectorModelConfig(Section):
-    arch: Literal["resnet34", "densenet121", "small"] = "resnet34"  # Sec. 4.2
+    arch: Literal["resnet34", "densenet121", "small"] = "resnet34"  # Sec. 4.2, Table 3
     pretrained: Path | None = None  # local torchvision state dict; nothing is downloaded
-    grl: bool = True  # source classifier through a gradient reversal layer (Sec. 3.2, Fig. 3)
+    # Source classifier through a gradient reversal layer (Sec. 3.2, Fig. 3); it is built only
+    # when synthetic sets are mixed in, since with one source there is nothing to tell apart.
+    grl: bool = True
     grl_schedule: Literal["dann", "constant"] = "dann"  # DANN: 2/(1+exp(-10p))-1
     grl_alpha: float = Field(1.0, ge=0)  # maximum strength
 
 
 class InspectorDataConfig(Section):
-    root: Path | None = None
-    synthetic: list[Path] = []  # synthesized sets in the folder format
-    synthetic_ratio: float = Field(1.0, ge=0)  # synthetic images per real image drawn
+    root: Path | None = None  # None: the procedural demo set under data/demo (made when absent)
+    # Synthesized sets in the folder format: defects and their restored normals (Sec. 4.2).
+    synthetic: list[Path] = []
+    # Synthetic images drawn per real training image in each epoch. Sec. 4.2 mixes 50,000
+    # synthesized defects into CODEBRIM's few thousand; a ratio keeps epochs comparable.
+    synthetic_ratio: float = Field(1.0, ge=0)
     image_size: int = Field(224, ge=16, le=1024)  # Sec. 4.2
+    flip: bool = True  # random horizontal flip of training images
+    # Keep real training defects at this fraction of real training normals (the scarce-defect
+    # setting of Table 3 in miniature); None keeps them all. Val and test are never thinned.
+    defect_fraction: float | None = Field(None, gt=0)
+    subsample_seed: int = 0  # which defects defect_fraction keeps; fixed across training seeds
     num_workers: int = Field(2, ge=0, le=64)
 
 
 class InspectorTrainConfig(Section):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1)  # Sec. 4.2 trains "until convergence"; val picks the epoch
     batch_size: int = Field(16, ge=1)  # Sec. 4.2
     lr: float = Field(1e-3, gt=0)  # Sec. 4.2, SGD
     momentum: float = Field(0.9, ge=0, lt=1)  # CODEBRIM baseline
@@ -175,6 +185,15 @@ class InspectorConfig(Section):
     data: InspectorDataConfig = InspectorDataConfig()
     train: InspectorTrainConfig = InspectorTrainConfig()
     log: LogConfig = LogConfig(experiment="defect-inspector")
+
+    @model_validator(mode="after")
+    def _check(self) -> InspectorConfig:
+        if self.model.arch == "small" and self.model.pretrained is not None:
+            raise ValueError(
+                "model.arch=small has no pretrained weights; drop model.pretrained, or use "
+                "resnet34 or densenet121 with a local torchvision state dict"
+            )
+        return self
 
 
 class SynthConfig(Section):
@@ -260,7 +279,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(assignment: str) -> dict[str, Any]:
-    """Turn `section.key=value` into a nested dict; the value is parsed as YAML (1e-4, true, [a])."""
+    """Turn `section.key=value` into a nested dict; the value is parsed as YAML (1e-4, [a])."""
     if "=" not in assignment:
         raise DganError(
             f"--set {assignment!r}: expected section.key=value, e.g. --set train.batch_size=8",

@@ -62,11 +62,15 @@ def sample_grid(
 
     height = rows[0][1].shape[0]
     width = rows[0][1].shape[1]
-    canvas = Image.new("RGB", (LABEL_WIDTH + width * scale, len(rows) * (height * scale + 2)), "white")
+    canvas = Image.new(
+        "RGB", (LABEL_WIDTH + width * scale, len(rows) * (height * scale + 2)), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for i, (name, pixels) in enumerate(rows):
         y = i * (height * scale + 2)
-        tile = Image.fromarray(pixels).resize((width * scale, height * scale), Image.Resampling.NEAREST)
+        tile = Image.fromarray(pixels).resize(
+            (width * scale, height * scale), Image.Resampling.NEAREST
+        )
         canvas.paste(tile, (LABEL_WIDTH, y))
         draw.text((4, y + height * scale // 2 - 6), name, fill="black")
     return canvas

@@ -79,7 +79,9 @@ def deface(
             f"labels must have shape ({b}, {generator.num_classes}), got {tuple(labels.shape)}"
         )
     where = region_mask(region, b, h, w).to(normals.device, normals.dtype)
-    out = generator(normals, control_map(labels.to(normals), where), _noise_generator(normals.device, seed))
+    out = generator(
+        normals, control_map(labels.to(normals), where), _noise_generator(normals.device, seed)
+    )
     return out.image, _mask_of(out, normals)
 
 

@@ -71,7 +71,9 @@ def test_deface_places_the_label_only_inside_the_asked_box():
     assert where.sum().item() == 8 * 4
     assert where[0, 0, 4:8, 2:10].min().item() == 1.0
     G = tiny()
-    images, masks = deface(G, torch.zeros(1, 3, 16, 16), torch.eye(C)[:1], region=[[(2, 4, 10, 8)]], seed=0)
+    images, masks = deface(
+        G, torch.zeros(1, 3, 16, 16), torch.eye(C)[:1], region=[[(2, 4, 10, 8)]], seed=0
+    )
     assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)
     restored, repaint = restore(G, images, seed=0)
     assert restored.shape == images.shape and repaint.shape == masks.shape

@@ -150,10 +150,18 @@ def test_cli_rejects_bad_config_with_exit_2_and_no_traceback(args, message, work
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, workdir):
     args = ["train", "gan", "--quiet", "--data", str(tiny_folder), "--config", "paper"]
-    args += [f"--set={s}" for s in TINY_GAN] + ["--set=train.iterations=100000", "--set=log.log_every=1"]
+    args += [f"--set={s}" for s in TINY_GAN] + [
+        "--set=train.iterations=100000",
+        "--set=log.log_every=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [*DGAN, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*DGAN, *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout:  # wait until training is under way
         if line.startswith(" 3/") or line.lstrip().startswith("3/"):
@@ -166,7 +174,19 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, work
     assert ckpt.read_status(run_dir)["state"] == "interrupted"
     saved = ckpt.list_checkpoints(run_dir)
     assert saved and ckpt.checkpoint_iteration(saved[-1]) >= 3
-    result = _cli("train", "gan", "--quiet", "--resume", "latest", "--set", "train.iterations=" + str(ckpt.checkpoint_iteration(saved[-1]) + 2), cwd=workdir)
+    result = _cli(
+        "train",
+        "gan",
+        "--quiet",
+        "--resume",
+        "latest",
+        "--set",
+        "train.iterations=" + str(ckpt.checkpoint_iteration(saved[-1]) + 2),
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     assert ckpt.read_status(run_dir)["state"] == "finished"
-    assert json.loads((run_dir / "status.json").read_text())["iteration"] == ckpt.checkpoint_iteration(saved[-1]) + 2
+    assert (
+        json.loads((run_dir / "status.json").read_text())["iteration"]
+        == ckpt.checkpoint_iteration(saved[-1]) + 2
+    )

@@ -154,7 +154,9 @@ class Generator(nn.Module):
             return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)
         defect_mask = torch.sigmoid(self.to_mask(h))
         return GeneratorOutput(
-            image=compose(x, foreground, defect_mask), foreground=foreground, defect_mask=defect_mask
+            image=compose(x, foreground, defect_mask),
+            foreground=foreground,
+            defect_mask=defect_mask,
         )
 
 

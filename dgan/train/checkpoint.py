@@ -68,7 +68,7 @@ def checkpoint_iteration(path: Path) -> int:
 
 
 def resolve_resume(resume: str, run_root: Path, job: str) -> Path:
-    """`latest` -> the newest checkpoint of the newest run that has one; else a checkpoint or run dir."""
+    """`latest`: the newest checkpoint of the newest run that has one; else a checkpoint or run."""
     if resume == "latest":
         runs = sorted((Path(run_root) / job).glob("[0-9]*-*"), reverse=True)
         for run in runs:

@@ -7,6 +7,7 @@ forwards: first [n | d] under [A_target | 0], then the results under [0 | A_real
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import signal
@@ -58,8 +59,10 @@ def translate(G: torch.nn.Module, x: Tensor, labels: Tensor):
     return G(x, control_map_from_labels(labels, x.shape[2], x.shape[3]))
 
 
-def d_step(nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator) -> dict[str, Tensor]:
-    """Update D on Eq. 11 with WGAN-GP: real [d | n] against G's fakes [d' | n'] and interpolates."""
+def d_step(
+    nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator
+) -> dict[str, Tensor]:
+    """Update D on Eq. 11 with WGAN-GP: real [d | n] against G's fakes [d' | n'] and their mixes."""
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
     with torch.no_grad():  # D's update needs the fakes, not G's graph
@@ -86,14 +89,18 @@ def d_step(nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator)
         ),
     }
     lw = config.loss
-    terms["d_total"] = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
+    terms["d_total"] = (
+        terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
+    )
     nets.opt_D.zero_grad(set_to_none=True)
     accelerator.backward(terms["d_total"])
     nets.opt_D.step()
     return terms
 
 
-def g_step(nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator) -> dict[str, Tensor]:
+def g_step(
+    nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator
+) -> dict[str, Tensor]:
     """Update G on Eq. 12 through both cycles: n -> d -> n^ and d -> n -> d^."""
     n, d = batch["normal"], batch["defect"]
     c_target, c_real = batch["target_labels"], batch["defect_labels"]
@@ -125,7 +132,9 @@ def g_step(nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator)
         + lw.lambda_sd_cyc * terms["g_sd_cyc"] * use_sc
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
     )
-    terms["mask_mean"] = first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
+    terms["mask_mean"] = (
+        first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
+    )
     nets.opt_G.zero_grad(set_to_none=True)
     accelerator.backward(terms["g_total"])
     nets.opt_G.step()
@@ -214,7 +223,9 @@ def training_state(nets: Nets, config: GanConfig, classes: list[str], iteration:
     }
 
 
-def restore_state(nets: Nets, state: dict, config: GanConfig, classes: list[str], where: Path) -> int:
+def restore_state(
+    nets: Nets, state: dict, config: GanConfig, classes: list[str], where: Path
+) -> int:
     """Load a checkpoint into `nets`; refuse one from an incompatible config or class list."""
     if state.get("config_hash") != config_hash(config, COMPATIBLE_PREFIXES):
         saved = json.loads(state.get("config_json", "{}"))
@@ -227,7 +238,7 @@ def restore_state(nets: Nets, state: dict, config: GanConfig, classes: list[str]
         raise DganError(
             f"checkpoint {where} comes from an incompatible config:\n  "
             + "\n  ".join(diffs or ["(unknown config)"])
-            + "\nResume with the run's own config.yaml (--config RUN/config.yaml) or start a new run."
+            + "\nResume with the run's own config (--config RUN/config.yaml) or start a new run."
         )
     if state.get("classes") != classes:
         raise DganError(
@@ -270,10 +281,8 @@ class _Interrupt:
         self.requested = False
         self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C exits at once
@@ -323,7 +332,9 @@ def train_gan(
         start = restore_state(nets, state, config, classes, resume)
         ckpt.restore_rng(rng, accelerator.device)
     else:
-        torch.manual_seed(config.train.seed + accelerator.process_index)  # noise differs per process
+        torch.manual_seed(
+            config.train.seed + accelerator.process_index
+        )  # noise differs per process
     if start >= config.train.iterations:
         if main:
             print(f"{run_dir}: already at iteration {start} of {config.train.iterations}.")
@@ -377,7 +388,11 @@ def train_gan(
                 sums, counts = {}, {"d": 0, "g": 0}
                 if main:
                     tracker.log_metrics(metrics, step=iteration)
-                    shown = {k: metrics[k] for k in ("d_adv", "g_adv", "g_cls_f", "g_rec", "mask_mean") if k in metrics}
+                    shown = {
+                        k: metrics[k]
+                        for k in ("d_adv", "g_adv", "g_cls_f", "g_rec", "mask_mean")
+                        if k in metrics
+                    }
                     progress.update(iteration, shown)
             if main and (iteration % log.sample_every == 0 or iteration == config.train.iterations):
                 _write_grid(nets, grid_inputs, classes, run_dir, iteration, tracker)
@@ -404,7 +419,10 @@ def train_gan(
         if main:
             ckpt.write_status(run_dir, state="interrupted", iteration=iteration)
             tracker.finish("KILLED")
-            print(f"interrupted at iteration {iteration}; saved {path}. Continue with --resume {run_dir}")
+            print(
+                f"interrupted at iteration {iteration}; saved {path}. "
+                f"Continue with --resume {run_dir}"
+            )
         raise KeyboardInterrupt
     if iteration < config.train.iterations:  # paused by stop_at; its checkpoint is written
         if iteration % log.checkpoint_every:
@@ -429,7 +447,12 @@ def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
 def _track_non_finite(first_bad: Tensor, terms: dict[str, Tensor], iteration: int) -> Tensor:
     """Remember, per loss term and on the device, the first iteration it was NaN or inf."""
     names = (*D_TERMS, *G_TERMS)
-    values = torch.stack([terms[k].detach().float() if k in terms else first_bad.new_zeros((), dtype=torch.float) for k in names])
+    values = torch.stack(
+        [
+            terms[k].detach().float() if k in terms else first_bad.new_zeros((), dtype=torch.float)
+            for k in names
+        ]
+    )
     bad = ~torch.isfinite(values)
     return torch.where(bad & (first_bad < 0), torch.full_like(first_bad, iteration), first_bad)
 
@@ -452,7 +475,8 @@ def _averages(sums: dict[str, Tensor], counts: dict[str, int]) -> dict[str, floa
     names = list(sums)
     values = torch.stack([sums[k] for k in names]).cpu().tolist()
     return {
-        k: v / max(1, counts["d" if k.startswith("d_") else "g"]) for k, v in zip(names, values, strict=True)
+        k: v / max(1, counts["d" if k.startswith("d_") else "g"])
+        for k, v in zip(names, values, strict=True)
     }
 
 
@@ -488,7 +512,11 @@ def _open_tracker(config: GanConfig, run_dir: Path, status: dict, main: bool):
         experiment=config.log.experiment,
         run_name=run_dir.name,
         params=params,
-        tags={"dgan.job": "gan", "dgan.run_dir": str(run_dir.resolve()), "dgan.config_hash": config_hash(config)},
+        tags={
+            "dgan.job": "gan",
+            "dgan.run_dir": str(run_dir.resolve()),
+            "dgan.config_hash": config_hash(config),
+        },
         run_id=status.get("mlflow_run_id"),
     )
 
@@ -501,5 +529,3 @@ def _finish(nets: Nets, config: GanConfig, classes: list[str], run_dir: Path, tr
         tracker.log_artifacts(model_dir, "generator")
     ckpt.write_status(run_dir, state="finished", iteration=config.train.iterations)
     tracker.finish("FINISHED")
-
-

@@ -13,16 +13,26 @@ since `--cpu --num_processes N` silently starts one process. The trainer checks 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from dgan.config import GanConfig, load_config, to_yaml
 from dgan.errors import DganError
 from dgan.io import atomic_write_text
 from dgan.train import checkpoint as ckpt
+
+T = TypeVar("T")
+# The jobs a worker can run: config name -> module with make_accelerator(config, n) and trainer.
+TRAINERS = {
+    "gan": ("dgan.train.gan", "train_gan"),
+    "inspector": ("dgan.train.inspector", "train_inspector"),
+}
 
 
 def under_launcher() -> bool:
@@ -50,7 +60,9 @@ def prepare_run(
     if resume is not None:
         resume_path = ckpt.resolve_resume(resume, config.log.run_root, "gan")
     if config.data.root is None:
-        config = config.model_copy(update={"data": config.data.model_copy(update={"root": ensure_demo_dataset()})})
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"root": ensure_demo_dataset()})}
+        )
     index = require_usable(config.data.root)
     if config.data.classes:
         from dgan.data.loader import select_classes
@@ -85,11 +97,12 @@ def run_gan(
         from dgan.train.gan import train_gan
 
         return train_gan(config, run_dir, resume_path, quiet=quiet, stop_at=stop_at)
-    _spawn(run_dir, resume_path, gpus, config.train.mixed_precision, quiet, stop_at)
+    spawn_workers("gan", run_dir, resume_path, gpus, config.train.mixed_precision, quiet, stop_at)
     return run_dir
 
 
-def _spawn(
+def spawn_workers(
+    job: str,
     run_dir: Path,
     resume: Path | None,
     gpus: int,
@@ -97,6 +110,10 @@ def _spawn(
     quiet: bool,
     stop_at: int | None,
 ) -> None:
+    """Run `job` from the config in `run_dir` on `gpus` processes through Accelerate's launcher.
+
+    `stop_at` is passed to the trainer (an iteration for the GAN, an epoch for the inspector).
+    """
     import torch
 
     env = dict(os.environ)
@@ -107,7 +124,8 @@ def _spawn(
         "--multi_gpu", "--num_processes", str(gpus), "--num_machines", "1",
         "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
-        "-m", "dgan.train.launch", "--run-dir", str(run_dir), "--expected-processes", str(gpus),
+        "-m", "dgan.train.launch", "--job", job, "--run-dir", str(run_dir),
+        "--expected-processes", str(gpus),
     ]  # fmt: skip
     if resume is not None:
         cmd += ["--resume", str(resume)]
@@ -124,44 +142,53 @@ def _spawn(
         )
 
 
-def _run_in_launched_process(
-    config: GanConfig, resume: str | None, quiet: bool, run_name: str, stop_at: int | None
-) -> Path:
+def prepare_on_main(accelerator, prepare: Callable[[], T]) -> T:
+    """Run `prepare` on the main process only and hand its result, or its DganError, to all."""
     from accelerate.utils import broadcast_object_list
 
-    from dgan.train.gan import make_accelerator, train_gan
-
-    accelerator = make_accelerator(config, int(os.environ["WORLD_SIZE"]))
     shared: list = [None]
     if accelerator.is_main_process:
         try:
-            shared[0] = prepare_run(config, resume, run_name)
+            shared[0] = prepare()
         except DganError as err:
             shared[0] = err
     broadcast_object_list(shared)
     if isinstance(shared[0], DganError):
         raise shared[0]
-    config, run_dir, resume_path = shared[0]
+    return shared[0]
+
+
+def _run_in_launched_process(
+    config: GanConfig, resume: str | None, quiet: bool, run_name: str, stop_at: int | None
+) -> Path:
+    from dgan.train.gan import make_accelerator, train_gan
+
+    accelerator = make_accelerator(config, int(os.environ["WORLD_SIZE"]))
+    prepared = prepare_on_main(accelerator, lambda: prepare_run(config, resume, run_name))
+    config, run_dir, resume_path = prepared
     return train_gan(
         config, run_dir, resume_path, accelerator=accelerator, quiet=quiet, stop_at=stop_at
     )
 
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    """Entry of each worker that `_spawn` starts: the config comes from the run directory."""
+    """Entry of each worker that `spawn_workers` starts: the config comes from the run directory."""
     parser = argparse.ArgumentParser(prog="python -m dgan.train.launch")
+    parser.add_argument("--job", choices=sorted(TRAINERS), default="gan")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--expected-processes", type=int, required=True)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--stop-at", type=int)
     args = parser.parse_args(argv)
-    from dgan.train.gan import make_accelerator, train_gan
+    module_name, trainer_name = TRAINERS[args.job]
+    module = importlib.import_module(module_name)
+    train = getattr(module, trainer_name)
 
     try:
-        config = load_config("gan", [str(args.run_dir / "config.yaml")])
-        accelerator = make_accelerator(config, args.expected_processes)
-        train_gan(
+        config = load_config(args.job, [str(args.run_dir / "config.yaml")])
+        accelerator = module.make_accelerator(config, args.expected_processes)
+        train(
             config,
             args.run_dir,
             args.resume,

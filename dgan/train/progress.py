@@ -1,4 +1,4 @@
-"""Progress for training and synthesis: a live line on a terminal, plain periodic lines elsewhere."""
+"""Progress for training and synthesis: a live line on a terminal, plain lines elsewhere."""
 
 from __future__ import annotations
 

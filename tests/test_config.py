@@ -1,0 +1,99 @@
+"""Typed configs: paper defaults, presets, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dgan.config import (
+    PRESET_DIR,
+    GanConfig,
+    config_hash,
+    flatten,
+    load_config,
+    parse_override,
+    to_yaml,
+)
+from dgan.errors import DganError
+
+
+def test_defaults_are_the_papers_values():
+    c = GanConfig()
+    assert (c.data.image_size, c.train.batch_size, c.train.iterations) == (128, 4, 500_000)
+    assert (c.train.n_critic, c.train.beta1, c.train.beta2) == (5, 0.5, 0.999)
+    assert (c.train.lr_g, c.train.lr_end) == (2e-4, 1e-6)
+    lw = c.loss
+    assert (
+        lw.lambda_cls_r,
+        lw.lambda_cls_f,
+        lw.lambda_rec,
+        lw.lambda_sd_cyc,
+        lw.lambda_sd_con,
+    ) == (
+        2.0,
+        5.0,
+        5.0,
+        5.0,
+        1.0,
+    )
+    assert load_config("gan", ["paper"]) == c
+
+
+@pytest.mark.parametrize("job", ["gan", "inspector", "synth", "tune"])
+def test_every_job_has_a_config_and_every_preset_validates(job):
+    load_config(job)
+    for preset in (PRESET_DIR / job).rglob("*.yaml"):
+        load_config(job, [str(preset)])
+
+
+def test_table2_presets_switch_the_four_components():
+    rows = {
+        "stargan": (False, False, False, False),
+        "scc": (True, False, False, False),
+        "scc_ani": (True, True, False, False),
+        "scc_lwc": (True, False, True, False),
+        "scc_lwc_sc": (True, False, True, True),
+        "full": (True, True, True, True),
+    }
+    for name, switches in rows.items():
+        g = load_config("gan", ["demo", f"table2/{name}"]).generator
+        assert (g.scc, g.ani, g.lwc, g.sc) == switches, name
+        assert g.conv_dim == 32  # the size preset still applies
+
+
+def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("train:\n  batch_size: 8\n  lr_g: 1.0e-4\n")
+    c = load_config("gan", ["demo", str(f)], ["train.batch_size=6", "data.classes=[crack]"])
+    assert c.train.batch_size == 6 and c.train.lr_g == 1e-4 and c.data.classes == ["crack"]
+    assert parse_override("a.b.c=true") == {"a": {"b": {"c": True}}}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.bogus=1", "train.bogus: unknown key; allowed here: batch_size"),
+        ("bogus.key=1", "bogus: unknown key; allowed here: data, discriminator"),
+        ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
+        ("train.mixed_precision=fp8", "'no', 'bf16' or 'fp16'"),
+        ("train.beta1=1.5", "train.beta1: Input should be less than 1"),
+        ("data.image_size=96", "must be a power of two"),
+        ("train.batch_size", "expected section.key=value"),
+    ],
+)
+def test_bad_values_fail_naming_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(DganError) as err:
+        load_config("gan", ["demo"], [override])
+    assert message in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_resolved_config_round_trips_through_yaml_and_hash_ignores_logging(tmp_path: Path):
+    c = load_config("gan", ["demo"], ["train.seed=3"])
+    f = tmp_path / "config.yaml"
+    f.write_text(to_yaml(c))
+    assert load_config("gan", [str(f)]) == c
+    other = load_config("gan", ["demo"], ["train.seed=3", "log.log_every=7"])
+    assert config_hash(c, ("log.",)) == config_hash(other, ("log.",)) != config_hash(other)
+    assert flatten(c)["train.seed"] == 3
