@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -196,7 +197,8 @@ def train_gan(
     from dgan.train.launch import run_gan
 
     run_dir = run_gan(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
-    typer.echo(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once, also under torchrun / accelerate launch
+        typer.echo(f"run directory: {run_dir}")
 
 
 @config_app.command("show")
@@ -249,6 +251,179 @@ def demo(
     if grids:
         typer.echo(f"latest sample grid: {grids[-1]}")
     typer.echo("compare runs: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------------
+# dgan train inspector / dgan eval / dgan repro: the defect inspector (Sec. 3.2, 4.2, Table 3)
+# ---------------------------------------------------------------------------------------------
+
+eval_app = typer.Typer(help="Score trained models.", no_args_is_help=True)
+repro_app = typer.Typer(help="Reproduce the paper's tables in miniature.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+app.add_typer(repro_app, name="repro")
+
+SyntheticOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--synthetic",
+        help="Synthesized set in the folder format (defect/, normal/ restored normals, "
+        "labels.csv) to mix into training; repeatable.",
+    ),
+]
+
+
+def _inspector_config(
+    config: list[str] | None, overrides: list[str], resume: str | None, preset: str = "demo"
+):
+    from dgan.config import load_config
+
+    if resume is not None and not config:
+        # Resuming continues the run's own config unless the user names another.
+        from dgan.train.checkpoint import resolve_resume
+
+        run_root = load_config("inspector", None, overrides).log.run_root
+        run_dir = resolve_resume(resume, run_root, "inspector").parent.parent
+        config = [str(run_dir / "config.yaml")]
+    return load_config("inspector", config or [preset], overrides)
+
+
+def _inspector_overrides(
+    set_: list[str] | None,
+    data: Path | None = None,
+    synthetic: list[Path] | None = None,
+    arch: str | None = None,
+    pretrained: Path | None = None,
+    grl: bool | None = None,
+    defect_fraction: float | None = None,
+    tracking_uri: str | None = None,
+) -> list[str]:
+    """Turn the inspector's CLI options into --set pairs (JSON is valid YAML, so paths survive)."""
+    overrides = list(set_ or [])
+    pairs = {
+        "data.root": None if data is None else str(data),
+        "data.synthetic": None if synthetic is None else [str(p) for p in synthetic],
+        "model.arch": arch,
+        "model.pretrained": None if pretrained is None else str(pretrained),
+        "model.grl": grl,
+        "data.defect_fraction": defect_fraction,
+        "log.tracking_uri": tracking_uri,
+    }
+    overrides += [f"{k}={json.dumps(v)}" for k, v in pairs.items() if v is not None]
+    return overrides
+
+
+@train_app.command("inspector")
+@friendly
+def train_inspector(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Real dataset root (default: demo set).")
+    ] = None,
+    synthetic: SyntheticOpt = None,
+    arch: Annotated[str | None, typer.Option(help="resnet34, densenet121 or small.")] = None,
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(help="Local torchvision state dict for the backbone; nothing is downloaded."),
+    ] = None,
+    grl: Annotated[
+        bool | None,
+        typer.Option("--grl/--no-grl", help="Source classifier through a GRL (Sec. 3.2)."),
+    ] = None,
+    defect_fraction: Annotated[
+        float | None, typer.Option(help="Keep real training defects at this share of normals.")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="Processes; >1 runs DDP through Accelerate.")] = 1,
+    resume: Annotated[
+        str | None, typer.Option(help="'latest', a run directory or a checkpoint directory.")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    name: Annotated[str, typer.Option(help="Suffix of the run directory name.")] = "inspector",
+    quiet: Annotated[bool, typer.Option(help="Plain progress lines, no live bar.")] = False,
+) -> None:
+    """Train the defect inspector on real images, optionally mixed with synthesized ones.
+
+    With no arguments: the demo preset (small CNN, 32 px) on the demo dataset (made if absent).
+    The best epoch by val multi-target accuracy is kept in RUN/inspector/ and scored on test.
+
+    Example: dgan train inspector --synthetic synth/demo --set train.epochs=5 --gpus 2
+    """
+    overrides = _inspector_overrides(
+        set_, data, synthetic, arch, pretrained, grl, defect_fraction, tracking_uri
+    )
+    cfg = _inspector_config(config, overrides, resume)
+    from dgan.train.inspector import run_inspector
+
+    run_dir = run_inspector(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
+    typer.echo(f"run directory: {run_dir}")
+
+
+@eval_app.command("inspector")
+@friendly
+def eval_inspector(
+    model: Annotated[Path, typer.Argument(help="Inspector directory or its run directory.")],
+    data: Annotated[Path, typer.Argument(help="Dataset root: folder format or CODEBRIM.")],
+    split: Annotated[str, typer.Option(help="train, val, test or transfer.")] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the metrics as JSON.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+) -> None:
+    """Score a trained inspector on one split: multi-target accuracy, per-class P/R/F1/AP.
+
+    Example: dgan eval inspector runs/inspector/00000-inspector data/demo --json test.json
+    """
+    from dgan.io import atomic_write_text
+    from dgan.train.inspector import evaluate_inspector
+
+    report = evaluate_inspector(model, data, split, batch_size)
+    typer.echo(report.format())
+    if json_out:
+        result = {"model": str(model), "data": str(data), **report.to_dict()}
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+
+
+@repro_app.command("table3")
+@friendly
+def repro_table3(
+    synthetic: SyntheticOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Real dataset root (default: demo set).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Runs per row, seeds train.seed ... +K-1.")] = 3,
+    defect_fraction: Annotated[
+        float,
+        typer.Option(help="Keep real training defects at this share of normals; 0 keeps all."),
+    ] = 0.05,
+    rows: Annotated[
+        str, typer.Option(help="Comma-separated: real, grl, no-grl.")
+    ] = "real,grl,no-grl",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+) -> None:
+    """Table 3 in miniature: the inspector on real data only, then with a synthesized set mixed
+    in, with the GRL source classifier and without; mean and std over seeds per row.
+
+    Every run is logged to MLflow (experiment defect-inspector) with tags dgan.repro=table3 and
+    dgan.row=<row>, under one parent run.
+
+    Example: dgan repro table3 --synthetic synth/demo --seeds 3 --defect-fraction 0.05
+    """
+    from dgan.repro import parse_rows, run_table3
+
+    chosen = parse_rows(rows)
+    if defect_fraction < 0:
+        from dgan.errors import DganError
+
+        raise DganError("--defect-fraction must be 0 (keep all) or positive", exit_code=2)
+    overrides = _inspector_overrides(
+        set_, data, None, defect_fraction=defect_fraction or None, tracking_uri=tracking_uri
+    )
+    cfg = _inspector_config(config, overrides, None)
+    table = run_table3(cfg, list(synthetic or []), seeds, chosen, log=typer.echo)
+    typer.echo(table.format())
+    typer.echo(f"written to {table.out_dir}; compare the runs in the MLflow UI (dgan.repro=table3)")
 
 
 def main() -> None:  # pragma: no cover - console entry

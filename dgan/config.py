@@ -35,6 +35,7 @@ class GeneratorConfig(Section):
     conv_dim: int = Field(64, ge=4, le=512)  # StarGAN G width
     repeat_num: int = Field(6, ge=0, le=16)  # StarGAN residual blocks in the bottleneck
     spade_hidden: int = Field(128, ge=4, le=1024)  # SPADE (Park et al. 2019) hidden width
+    upsample: Literal["transpose", "nearest"] = "transpose"  # StarGAN: 4x4 transposed convs
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -178,13 +179,23 @@ class InspectorTrainConfig(Section):
     seed: int = 0
 
 
+class InspectorLogConfig(Section):
+    # Its own section, so that overriding one log key keeps the inspector's experiment name.
+    run_root: Path = Path("runs")
+    experiment: str = "defect-inspector"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    log_every: int = Field(100, ge=1)  # steps between training-loss logs; val runs every epoch
+    keep_checkpoints: int = Field(3, ge=1)  # one checkpoint per epoch
+    log_model: bool = True  # log the best epoch as an MLflow pyfunc model (about 5 s)
+
+
 class InspectorConfig(Section):
     """Everything one `dgan train inspector` run needs."""
 
     model: InspectorModelConfig = InspectorModelConfig()
     data: InspectorDataConfig = InspectorDataConfig()
     train: InspectorTrainConfig = InspectorTrainConfig()
-    log: LogConfig = LogConfig(experiment="defect-inspector")
+    log: InspectorLogConfig = InspectorLogConfig()
 
     @model_validator(mode="after")
     def _check(self) -> InspectorConfig:

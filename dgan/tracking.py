@@ -105,6 +105,21 @@ class Tracker:
         if self.enabled:
             self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
+    def log_code_model(self, name: str, code: Path, artifacts: dict[str, Path]) -> str | None:
+        """Log an MLflow pyfunc model defined by a code file (models-from-code: no pickling)."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(code),
+                artifacts={k: str(v) for k, v in artifacts.items()},
+                pip_requirements=["dgan"],
+            )
+        return info.model_uri
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status=status)

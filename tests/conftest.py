@@ -21,6 +21,7 @@ TINY_GAN = [
     "log.log_every=2",
     "log.sample_every=5",
     "log.checkpoint_every=5",
+    "log.log_model=false",  # logging an MLflow model costs ~5 s; one test turns it on
 ]
 
 

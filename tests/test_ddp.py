@@ -24,3 +24,39 @@ def test_two_process_run_equals_one_process_run_of_the_same_global_batch(tiny_fo
         for k, v in a[net].items():
             torch.testing.assert_close(b[net][k], v, rtol=1e-4, atol=1e-5, msg=f"{net}.{k}")
     assert a["iteration"] == b["iteration"] == 6
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_runs_one_job_across_two_processes(tiny_folder, workdir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY_GAN
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
+    sets = [f"--set={s}" for s in (*TINY_GAN, "train.iterations=4")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    from dgan.train.launch import free_port
+
+    cmd += [
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cli",
+        "train",
+        "gan",
+        "--data",
+        str(tiny_folder),
+        "--quiet",
+    ]
+    result = subprocess.run([*cmd, *sets], cwd=workdir, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((workdir / "runs" / "gan").iterdir())
+    assert len(runs) == 1  # the main process made the run directory, the other joined it
+    assert result.stdout.count("run directory:") == 1
+    final = runs[0] / "checkpoints" / "iter-00000004"
+    assert {p.name for p in final.iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
+    assert ckpt.read_status(runs[0])["state"] == "finished"

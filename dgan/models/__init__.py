@@ -24,6 +24,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         scc=g.scc,
         ani=g.ani,
         lwc=g.lwc,
+        upsample=g.upsample,
     )
     discriminator = Discriminator(
         config.data.image_size, num_classes, d.conv_dim, d.n_layers, d.max_dim

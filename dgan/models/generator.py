@@ -81,6 +81,20 @@ class ResidualBlock(nn.Module):
         return x + self.norm2(self.conv2(h), control_map)
 
 
+def upsample_conv(in_channels: int, out_channels: int, mode: str) -> nn.Module:
+    """x2 upsampling: StarGAN's 4x4 transposed conv, or nearest resize + 3x3 conv.
+
+    The second avoids the checkerboard patterns that transposed convs print early in training
+    (Odena et al. 2016), which at 32 px cover a whole defect.
+    """
+    if mode == "transpose":
+        return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+    )
+
+
 @dataclass
 class GeneratorOutput:
     """What G returns: the composed image, and the LWC layers (None when LWC is off)."""
@@ -102,6 +116,7 @@ class Generator(nn.Module):
         scc: bool = True,
         ani: bool = True,
         lwc: bool = True,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
@@ -124,10 +139,7 @@ class Generator(nn.Module):
             ResidualBlock(4 * d, c, spade_hidden, spade=scc and i >= n_enc)
             for i in range(repeat_num)
         )
-        self.up = nn.ModuleList(
-            nn.ConvTranspose2d(4 * d >> i, 2 * d >> i, 4, stride=2, padding=1, bias=False)
-            for i in range(2)
-        )
+        self.up = nn.ModuleList(upsample_conv(4 * d >> i, 2 * d >> i, upsample) for i in range(2))
         self.up_norm = nn.ModuleList(Norm(2 * d >> i, c, spade_hidden, scc) for i in range(2))
         n_noise = len(self.encoder) + repeat_num + len(self.up)
         self.noise = nn.ModuleList(NoiseInjection() for _ in range(n_noise if ani else 0))

@@ -167,12 +167,10 @@ def learning_rate(config: GanConfig, base: float, iteration: int) -> float:
 def make_accelerator(config: GanConfig, expected_processes: int | None):
     """An Accelerator for 1..N processes; the process count is checked, not assumed."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
+    # G and D hold no buffers (instance norm keeps no running stats), so DDP has none to sync.
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=config.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision
     )
     if expected_processes is not None and accelerator.num_processes != expected_processes:
         raise DganError(
@@ -525,7 +523,11 @@ def _finish(nets: Nets, config: GanConfig, classes: list[str], run_dir: Path, tr
     from dgan.models.export import save_generator
 
     model_dir = save_generator(_sampling_generator(nets), config, classes, run_dir / "generator")
+    model_uri = None
     if config.log.log_model:
-        tracker.log_artifacts(model_dir, "generator")
-    ckpt.write_status(run_dir, state="finished", iteration=config.train.iterations)
+        code = Path(__file__).parents[1] / "models" / "mlflow_generator.py"  # not imported here
+        model_uri = tracker.log_code_model("generator", code, {"generator": model_dir})
+    ckpt.write_status(
+        run_dir, state="finished", iteration=config.train.iterations, model_uri=model_uri
+    )
     tracker.finish("FINISHED")

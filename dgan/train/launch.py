@@ -40,7 +40,7 @@ def under_launcher() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -123,7 +123,7 @@ def spawn_workers(
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(gpus), "--num_machines", "1",
         "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", "dgan.train.launch", "--job", job, "--run-dir", str(run_dir),
         "--expected-processes", str(gpus),
     ]  # fmt: skip

@@ -1,0 +1,89 @@
+"""Datasets: the procedural demo set, CODEBRIM, the folder format, checks and loaders.
+
+Every reader returns a `DatasetIndex`: a list of `Sample`s with multi-hot labels over
+`classes`. A sample whose labels are all zero is a normal (defect-free) image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The five CODEBRIM defect categories, in the order of its metadata XML (FIELD-NOTES, CODEBRIM).
+CODEBRIM_CLASSES: tuple[str, ...] = (
+    "crack",
+    "spallation",
+    "efflorescence",
+    "exposed_bars",
+    "corrosion_stain",
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test", "transfer")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk with its image-level labels (multi-hot over the index's classes)."""
+
+    path: Path
+    labels: tuple[int, ...]
+    split: str = "train"
+    mask: Path | None = None
+    family: str | None = None
+
+    @property
+    def is_normal(self) -> bool:
+        return not any(self.labels)
+
+
+@dataclass
+class DatasetIndex:
+    """All samples of one dataset root, with the class names their labels refer to."""
+
+    root: Path
+    classes: tuple[str, ...]
+    samples: list[Sample] = field(default_factory=list)
+    layout: str = "folder"
+
+    def select(self, split: str | None = None, normal: bool | None = None) -> list[Sample]:
+        """Samples of one split (or all), optionally only normals (True) or only defects (False)."""
+        return [
+            s
+            for s in self.samples
+            if (split is None or s.split == split) and (normal is None or s.is_normal == normal)
+        ]
+
+
+def open_dataset(root: Path) -> DatasetIndex:
+    """Read a dataset in any supported layout: the folder format or CODEBRIM."""
+    from dgan.errors import DganError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DganError(
+            f"dataset directory {root} does not exist. Create the demo set with "
+            f"'dgan data demo --out {root}', or point at a folder or CODEBRIM root."
+        )
+    from dgan.data import codebrim, folder
+
+    if folder.is_folder_layout(root):
+        return folder.read_folder(root)
+    if codebrim.is_codebrim_layout(root):
+        return codebrim.read_codebrim(root)
+    raise DganError(
+        f"{root} is neither a folder dataset (labels.csv) nor CODEBRIM "
+        "(train/ val/ test/ and metadata/); see README 'Datasets'."
+    )
+
+
+DEMO_ROOT = Path("data/demo")
+
+
+def ensure_demo_dataset(root: Path = DEMO_ROOT) -> Path:
+    """The procedural demo set at `root`, generated with its defaults when absent."""
+    root = Path(root)
+    if not (root / "labels.csv").is_file():
+        from dgan.data.demo import generate_demo
+
+        print(f"generating the demo dataset into {root} (no download needed) ...", flush=True)
+        generate_demo(root)
+    return root
