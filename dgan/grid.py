@@ -1,8 +1,8 @@
 """Sample grids: what a person looks at to judge a Defect-GAN.
 
 Columns are fixed inputs. Rows: the normal inputs; their defacement for each single category and
-for one multi-category label, each beside its spatial distribution map m; then real defects and
-their restoration beside the repaint map.
+for one multi-category label, each beside its spatial distribution map m; one category per column
+asked only inside an outlined box; then real defects and their restoration beside the repaint map.
 """
 
 from __future__ import annotations
@@ -35,6 +35,22 @@ def _row(images: Tensor, maps: Tensor | None) -> np.ndarray:
     return np.concatenate(tiles, axis=1)
 
 
+def _box_for(k: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """A half-size box in one of the four quadrants, changing with the column."""
+    x0, y0 = (k % 2) * w // 2, (k // 2 % 2) * h // 2
+    return (x0, y0, x0 + w // 2, y0 + h // 2)
+
+
+def _outline(pixels: np.ndarray, boxes, width: int) -> np.ndarray:
+    """Draw each column's box in red on the image half of a row."""
+    out = pixels.copy()
+    for k, ((x0, y0, x1, y1),) in enumerate(boxes):
+        x0, x1 = x0 + k * width, x1 + k * width - 1
+        out[y0, x0 : x1 + 1] = out[y1 - 1, x0 : x1 + 1] = (255, 0, 0)
+        out[y0:y1, x0] = out[y0:y1, x1] = (255, 0, 0)
+    return out
+
+
 def sample_grid(
     generator,
     normals: Tensor,
@@ -56,6 +72,12 @@ def sample_grid(
         labels = label.to(normals).expand(b, c)
         images, masks = deface(generator, normals, labels, seed=seed)
         rows.append((name, _row(images, masks)))
+    # Spatial control (Fig. 6): column k gets category k mod C, asked only in its outlined box.
+    h, w = normals.shape[2:]
+    boxes = [[_box_for(k, h, w)] for k in range(b)]
+    cycled = torch.eye(c)[[k % c for k in range(b)]].to(normals)
+    boxed, boxed_masks = deface(generator, normals, cycled, region=boxes, seed=seed)
+    rows.append(("in box", _outline(_row(boxed, boxed_masks), boxes, w)))
     restored, repaint = restore(generator, defects, seed=seed)
     rows.append(("real defect", _row(defects, defects[:, :1] * 0)))
     rows.append(("restored", _row(restored, repaint)))

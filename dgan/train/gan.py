@@ -141,6 +141,12 @@ def g_step(
     return terms
 
 
+def set_learning_rates(nets: Nets, config: GanConfig, iteration: int) -> None:
+    for opt, base in ((nets.opt_G, config.train.lr_g), (nets.opt_D, config.train.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(config, base, iteration)
+
+
 @torch.no_grad()
 def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
     """G_ema <- beta * G_ema + (1 - beta) * G, with one fused kernel per tensor list."""
@@ -329,10 +335,8 @@ def train_gan(
         state, rng = ckpt.load_checkpoint(resume, accelerator.process_index)
         start = restore_state(nets, state, config, classes, resume)
         ckpt.restore_rng(rng, accelerator.device)
-    else:
-        torch.manual_seed(
-            config.train.seed + accelerator.process_index
-        )  # noise differs per process
+    else:  # the noise-injection stream differs per process
+        torch.manual_seed(config.train.seed + accelerator.process_index)
     if start >= config.train.iterations:
         if main:
             print(f"{run_dir}: already at iteration {start} of {config.train.iterations}.")
@@ -364,9 +368,7 @@ def train_gan(
         batches = iter(loader)
         for iteration in range(start + 1, config.train.iterations + 1):
             batch = _to_device(next(batches), accelerator.device)
-            for opt, base in ((nets.opt_G, config.train.lr_g), (nets.opt_D, config.train.lr_d)):
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(config, base, iteration)
+            set_learning_rates(nets, config, iteration)
             terms = d_step(nets, batch, config, accelerator)
             counts["d"] += 1
             if iteration % config.train.n_critic == 0:
