@@ -172,6 +172,18 @@ def test_two_processes_split_each_global_batch_of_one_process():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_codebrim_gives_the_five_defect_classes_and_its_three_splits(tmp_path):
+    from fakes import make_codebrim_tree
+
+    from dgan.data import CODEBRIM_CLASSES
+
+    data = load_inspection_data(make_codebrim_tree(tmp_path / "codebrim"), [], 1.0)
+    assert data.classes == list(CODEBRIM_CLASSES)
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 3, 3)  # all-zero crop left out
+    (defect,) = [s for s in data.test if any(s.labels)]
+    assert defect.labels == (1, 0, 0, 0, 1)  # image_0006: Crack and CorrosionStain
+
+
 def test_a_synthetic_set_with_other_class_names_is_refused_naming_them(tmp_path):
     real = make_folder_dataset(tmp_path / "real", 8, 8, 32)
     synthetic = make_folder_dataset(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +19,7 @@ from PIL import Image
 
 from dgan.data import SPLITS, DatasetIndex, Sample, codebrim, open_dataset
 from dgan.errors import DganError
+from dgan.report import text_table
 
 # Problem kinds, as they appear in reports.
 UNREADABLE = "unreadable image"
@@ -82,7 +82,7 @@ class CheckReport:
     def format(self) -> str:
         """The report for a person: counts, co-occurrence, sizes, then every problem."""
         lines = [f"dataset {self.root} ({self.layout}, {len(self.classes)} classes)", ""]
-        lines += _table(
+        lines += text_table(
             ["split", "normal", "defect", *self.classes],
             [
                 [split, c.n_normal, c.n_defect, *(c.positives.get(k, 0) for k in self.classes)]
@@ -90,7 +90,7 @@ class CheckReport:
             ],
         )
         lines += ["", "defect label co-occurrence (images positive for both):"]
-        lines += _table(
+        lines += text_table(
             ["", *self.classes],
             [[name, *row] for name, row in zip(self.classes, self.cooccurrence, strict=True)],
         )
@@ -366,17 +366,3 @@ def _cooccurrence(index: DatasetIndex) -> list[list[int]]:
             for j in positive:
                 matrix[i][j] += 1
     return matrix
-
-
-def _table(header: list[str], rows: Iterable[list]) -> list[str]:
-    cells = [[str(v) for v in row] for row in [header, *rows]]
-    widths = [max(len(row[k]) for row in cells) for k in range(len(header))]
-    # The first column holds names: left-aligned; the rest hold numbers: right-aligned.
-    return [
-        "  "
-        + "  ".join(
-            v.ljust(w) if k == 0 else v.rjust(w)
-            for k, (v, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in cells
-    ]

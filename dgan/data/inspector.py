@@ -56,7 +56,7 @@ class InspectionData:
 
     def balance(self) -> str:
         """Class balance per part, as printed when training starts."""
-        from dgan.data.check import _table
+        from dgan.report import text_table
 
         parts = [("train real", self.train), ("train synthetic", self.synthetic)]
         parts += [("val", self.val), ("test", self.test)]
@@ -67,7 +67,7 @@ class InspectionData:
             for name, items in parts
         ]  # fmt: skip
         lines = ["class balance (images; the class columns count positives):"]
-        lines += _table(["", "images", "normal", "defect", *self.classes], rows)
+        lines += text_table(["", "images", "normal", "defect", *self.classes], rows)
         if self.synthetic:
             lines.append(f"  synthetic images drawn per epoch: {self.synthetic_per_epoch}")
         return "\n".join(lines)
@@ -96,7 +96,7 @@ def _labelled(samples: Sequence[Sample], columns: Sequence[int], synthetic: bool
     return [LabelledImage(s.path, tuple(s.labels[c] for c in columns), synthetic) for s in samples]
 
 
-def _real_index(root: Path, check: bool) -> DatasetIndex:
+def _read_index(root: Path, check: bool) -> DatasetIndex:
     if check:
         from dgan.data.check import require_usable
 
@@ -108,7 +108,7 @@ def read_synthetic(
     directory: Path, classes: Sequence[str], check: bool = True
 ) -> list[LabelledImage]:
     """All images of one synthesized set, labelled in `classes` order and marked synthetic."""
-    index = _real_index(Path(directory), check)
+    index = _read_index(Path(directory), check)
     if set(index.classes) != set(classes):
         missing = [c for c in classes if c not in index.classes]
         extra = [c for c in index.classes if c not in classes]
@@ -148,7 +148,7 @@ def load_inspection_data(
     With `check`, every image is decoded once first (`dgan data check`), so a bad file fails
     here rather than mid-run. `log` receives notes (defect thinning).
     """
-    index = _real_index(Path(root), check)
+    index = _read_index(Path(root), check)
     classes = list(index.classes)
     train_samples = index.select("train")
     if defect_fraction is not None:

@@ -1,4 +1,4 @@
-"""A trained generator on disk: safetensors weights, the resolved config and the class names.
+"""A trained model on disk: safetensors weights, the resolved config and the class names.
 
     generator/model.safetensors   EMA weights of G
     generator/config.yaml         the run's resolved GanConfig
@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from dgan.config import GanConfig, to_yaml
 from dgan.errors import DganError
@@ -21,17 +23,22 @@ from dgan.io import atomic_write_text
 from dgan.models.generator import Generator
 
 
-def save_generator(G: Generator, config: GanConfig, classes: list[str], out: Path) -> Path:
-    """Write the generator directory (each file atomically) and return it."""
+def save_model_dir(model: nn.Module, config: BaseModel, classes: list[str], out: Path) -> Path:
+    """Write model.safetensors, config.yaml and classes.json into `out`, each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / ".tmp-model.safetensors"
     save_file(tensors, str(tmp))
     tmp.replace(out / "model.safetensors")
     atomic_write_text(out / "config.yaml", to_yaml(config))
     atomic_write_text(out / "classes.json", json.dumps(classes) + "\n")
     return out
+
+
+def save_generator(G: Generator, config: GanConfig, classes: list[str], out: Path) -> Path:
+    """Write the generator directory and return it."""
+    return save_model_dir(G, config, classes, out)
 
 
 def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, GanConfig, list[str]]:

@@ -15,18 +15,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from dgan.config import InspectorConfig
 from dgan.errors import DganError
-from dgan.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from dgan.config import InspectorConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's pretrained weights expect this input
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -265,17 +261,9 @@ def save_inspector(
     model: Inspector, config: InspectorConfig, classes: list[str], out: Path
 ) -> Path:
     """Write the inspector directory (each file atomically) and return it."""
-    from dgan.config import to_yaml
+    from dgan.models.export import save_model_dir
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".tmp-model.safetensors"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / "model.safetensors")
-    atomic_write_text(out / "config.yaml", to_yaml(config))
-    atomic_write_text(out / "classes.json", json.dumps(classes) + "\n")
-    return out
+    return save_model_dir(model, config, classes, out)
 
 
 def find_inspector_dir(path: Path) -> Path:
@@ -293,8 +281,6 @@ def find_inspector_dir(path: Path) -> Path:
 
 def load_inspector(path: Path, device: str = "cpu") -> tuple[Inspector, InspectorConfig, list[str]]:
     """(inspector in eval mode, its config, its classes) from a directory or its run directory."""
-    from dgan.config import InspectorConfig
-
     directory = find_inspector_dir(path)
     if not (directory / "config.yaml").is_file():
         raise DganError(f"{directory} has no config.yaml; it was not written by save_inspector")

@@ -7,10 +7,8 @@ forwards: first [n | d] under [A_target | 0], then the results under [0 | A_real
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from dgan.io import atomic_save_image, atomic_write_text
 from dgan.models import build_gan
 from dgan.models.generator import Generator, control_map_from_labels
 from dgan.train import checkpoint as ckpt
+from dgan.train.interrupt import InterruptFlag
 from dgan.train.progress import Progress
 
 # Changing these keys between a checkpoint and a resume would change what the weights mean.
@@ -278,26 +277,6 @@ def load_training_data(config: GanConfig) -> tuple[DatasetIndex, list[str], Unpa
 # ---------------------------------------------------------------------------------------------
 
 
-class _Interrupt:
-    """Turns SIGINT/SIGTERM into a flag checked between iterations, so a checkpoint can be saved."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C exits at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _fixed_samples(stream: UnpairedStream, device, count: int = 6) -> tuple[Tensor, Tensor]:
     """The same normals and defects for every sample grid of a run."""
     items = [stream[p] for p in range(count)]
@@ -358,7 +337,7 @@ def train_gan(
         (run_dir / "samples").mkdir(exist_ok=True)
     grid_inputs = _fixed_samples(stream, accelerator.device)
     progress = Progress(config.train.iterations, start, quiet=quiet) if main else None
-    interrupt = _Interrupt()
+    interrupt = InterruptFlag()
     sums: dict[str, Tensor] = {}
     counts = {"d": 0, "g": 0}
     first_bad = torch.full((len(D_TERMS) + len(G_TERMS),), -1, device=accelerator.device)

@@ -37,7 +37,7 @@ from dgan.io import atomic_write_text
 from dgan.metrics.classification import InspectionMetrics, InspectionReport
 from dgan.models.inspector import Inspector, build_inspector, grl_alpha, save_inspector
 from dgan.train import checkpoint as ckpt
-from dgan.train.gan import _Interrupt
+from dgan.train.interrupt import InterruptFlag
 from dgan.train.launch import prepare_on_main, spawn_workers, under_launcher
 from dgan.train.progress import Progress
 
@@ -86,6 +86,33 @@ def train_step(
     accelerator.backward(total)
     optimizer.step()
     return {k: v.detach().float() for k, v in terms.items()}
+
+
+def random_flip(images: Tensor) -> Tensor:
+    """Mirror each image left-right with probability 1/2, drawn from the checkpointed RNG."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class RunningMeans:
+    """Per-term sums kept on the device, so logging syncs with the host once per interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last pop, then reset."""
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).cpu().tolist() if names else []
+        means = {k: v / max(1, self.count) for k, v in zip(names, values, strict=True)}
+        self.sums, self.count = {}, 0
+        return means
 
 
 @torch.no_grad()
@@ -137,7 +164,7 @@ def read_data(config: InspectorConfig, check: bool = False, log=print) -> Inspec
 
 def uses_source_classifier(config: InspectorConfig, data: InspectionData) -> bool:
     """f_src exists when GRL is on and there is something synthetic to tell apart from real."""
-    return config.model.grl and bool(data.synthetic)
+    return config.model.grl and data.synthetic_per_epoch > 0
 
 
 def prepare_inspector_run(
@@ -316,36 +343,28 @@ def train_inspector(
             steps_per_epoch=steps, source_classifier=source_head,
         )  # fmt: skip
     progress = Progress(total, start, quiet=quiet) if main else None
-    interrupt = _Interrupt()
-    sums: dict[str, Tensor] = {}
-    n_summed, step = 0, start
+    interrupt = InterruptFlag()
+    means, step = RunningMeans(), start
     first_bad = torch.full((), -1, device=device)
     try:
         batches = iter(loader)
         for step in range(start + 1, total + 1):
             images, labels, synthetic = (v.to(device, non_blocking=True) for v in next(batches))
             images = to_unit_interval(images)
-            if config.data.flip:
-                flip = torch.rand(images.shape[0], device=device) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(3), images)
+            images = random_flip(images) if config.data.flip else images
             alpha = grl_alpha(config, step / total) if source_head else None
             terms = train_step(model, optimizer, images, labels, synthetic, alpha, accelerator)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v
-            n_summed += 1
+            means.add(terms)
             bad = ~torch.isfinite(terms["loss_total"]) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
 
             end_of_epoch = step % steps == 0
             if step % config.log.log_every == 0 or end_of_epoch:
                 _check_finite(first_bad)  # one host sync per log interval, not per step
-                names = list(sums)
-                values = torch.stack([sums[k] for k in names]).cpu().tolist()
-                logged = {f"train_{k}": v / n_summed for k, v in zip(names, values, strict=True)}
+                logged = {f"train_{k}": v for k, v in means.pop().items()}
                 logged["lr"] = optimizer.param_groups[0]["lr"]
                 if alpha is not None:
                     logged["grl_alpha"] = alpha
-                sums, n_summed = {}, 0
                 if main:
                     tracker.log_metrics(logged, step=step)
                     shown = {k: logged[f"train_{k}"] for k in SHOWN if f"train_{k}" in logged}
