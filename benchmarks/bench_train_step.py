@@ -58,6 +58,7 @@ def time_setting(
         "defect_labels": (torch.rand(batch, classes, generator=gen) > 0.5).float(),
         "target_labels": (torch.rand(batch, classes, generator=gen) > 0.5).float(),
         "alpha": torch.rand(batch, 2, generator=gen),
+        "region": torch.zeros(batch, 5),  # the paper's constant control map
     }
     d_times, g_times, fwd_times = [], [], []
     for r in range(repeats + 1):  # the first round warms up

@@ -70,6 +70,10 @@ class GanTrainConfig(Section):
     lr_decay_start: float = Field(0.0, ge=0, le=1)  # fraction of the run before linear decay
     beta1: float = Field(0.5, ge=0, lt=1)  # Sec. 4.1, Adam
     beta2: float = Field(0.999, ge=0, lt=1)  # Sec. 4.1, Adam
+    # Beyond the paper: this share of defacements asks for the defect inside a random box (A is
+    # the label there and "normal" elsewhere), so the spatial control of Fig. 6 is trained, not
+    # only hoped for from constant maps. 0 is the paper's constant A.
+    random_region_prob: float = Field(0.0, ge=0, le=1)
     ema: bool = True  # EMA of G for sampling and evaluation (StyleGAN practice)
     ema_beta: float = Field(0.999, ge=0, lt=1)
     ema_start: int = Field(0, ge=0)  # iterations before the EMA starts tracking (copies G)
@@ -84,6 +88,7 @@ class GanLossConfig(Section):
     lambda_rec: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_cyc: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_con: float = Field(1.0, ge=0)  # Eq. 12
+    lambda_outside: float = Field(5.0, ge=0)  # beyond the paper: m outside the asked region
 
 
 class LogConfig(Section):

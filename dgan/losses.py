@@ -56,6 +56,12 @@ def sd_region_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
     return defect_mask.abs().mean() + repaint_mask.abs().mean()
 
 
+def outside_region_loss(defect_mask: Tensor, region: Tensor) -> Tensor:
+    """Beyond the paper: the defect map m where A asked for "normal" (the spatial counterpart of
+    Eq. 10). Zero when the region is the whole image, as in the paper's training."""
+    return (defect_mask * (1 - region)).mean()
+
+
 def interpolate(real: Tensor, fake: Tensor, alpha: Tensor) -> Tensor:
     """Random points between real and fake samples, where WGAN-GP evaluates the penalty."""
     a = alpha.view(-1, 1, 1, 1).to(real.dtype)

@@ -50,6 +50,13 @@ def test_sd_region_loss_penalises_both_maps_towards_zero():
     assert losses.sd_region_loss(m_d, m_rep).item() == pytest.approx(0.4 + 0.1)
 
 
+def test_outside_region_loss_counts_the_map_only_where_normal_was_asked():
+    m = torch.tensor([[[[0.5, 1.0], [0.0, 0.25]]]])
+    region = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert losses.outside_region_loss(m, region).item() == pytest.approx((1.0 + 0.25) / 4)
+    assert losses.outside_region_loss(m, torch.ones_like(m)).item() == 0.0
+
+
 def test_interpolate_mixes_real_and_fake_by_alpha():
     real, fake = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
     mixed = losses.interpolate(real, fake, torch.tensor([0.25, 1.0]))

@@ -96,3 +96,15 @@ def test_discriminator_depth_follows_image_size_to_a_2x2_patch_map(size, depth):
     D = Discriminator(size, C, conv_dim=4, max_dim=16)
     src, cls = D(torch.zeros(2, 3, size, size))
     assert src.shape == (2, 1, 2, 2) and cls.shape == (2, C)
+
+
+def test_training_target_region_is_the_flagged_box_or_the_whole_image():
+    from dgan.train.gan import target_region
+
+    region = torch.tensor([[1.0, 0.25, 0.5, 0.5, 0.25], [0.0, 0.25, 0.5, 0.5, 0.25]])
+    where = target_region(region, 8, 8)
+    assert where.shape == (2, 1, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[4:6, 2:6] = 1  # y from 0.5 for 0.25 of 8 rows, x from 0.25 for 0.5 of 8 columns
+    assert torch.equal(where[0, 0], expected)
+    assert torch.equal(where[1, 0], torch.ones(8, 8))  # not flagged: the paper's constant A

@@ -65,9 +65,10 @@ def test_a_run_writes_config_checkpoints_samples_generator_and_mlflow_metrics(ti
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_folder, workdir):
-    # Noise injection on: the RNG state travels with the checkpoint.
-    straight = run_gan(tiny_gan_config(tiny_folder, "train.iterations=10"), quiet=True)
-    config = tiny_gan_config(tiny_folder, "train.iterations=10", "log.checkpoint_every=3")
+    # Noise injection and random target regions on: all randomness must resume exactly.
+    extra = ("train.iterations=10", "train.random_region_prob=0.5")
+    straight = run_gan(tiny_gan_config(tiny_folder, *extra), quiet=True)
+    config = tiny_gan_config(tiny_folder, *extra, "log.checkpoint_every=3")
     first = run_gan(config, quiet=True, stop_at=5)
     assert ckpt.read_status(first)["state"] == "paused"
     assert ckpt.checkpoint_iteration(ckpt.list_checkpoints(first)[-1]) == 5

@@ -57,6 +57,7 @@ class UnpairedStream(Dataset):
         image_size: int,
         flip: bool,
         seed: int,
+        region_prob: float = 0.0,
     ) -> None:
         if not normals or not defects:
             missing = "normal" if not normals else "defect"
@@ -68,6 +69,7 @@ class UnpairedStream(Dataset):
         self.defects = [s.path for s in defects]
         self.labels = np.array([[s.labels[c] for c in columns] for s in defects], np.float32)
         self.image_size, self.flip, self.seed = image_size, flip, seed
+        self.region_prob = region_prob
 
     def __len__(self) -> int:  # the stream is infinite; this is one pass over the defects
         return len(self.defects)
@@ -83,6 +85,11 @@ class UnpairedStream(Dataset):
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, _AUGMENT, position])
         flips, alpha = rng.random(2) < 0.5, rng.random(2).astype(np.float32)
+        # A random box (x0, y0, w, h as fractions) for the defacement target, used with
+        # probability region_prob; the first value flags its use.
+        use, bw, bh, u, v = rng.random(5)
+        bw, bh = 0.35 + 0.4 * bw, 0.35 + 0.4 * bh
+        box = [float(use < self.region_prob), u * (1 - bw), v * (1 - bh), bw, bh]
         normal = load_image(
             self.normals[self._pick(_NORMAL, position, len(self.normals))], self.image_size
         )
@@ -99,6 +106,7 @@ class UnpairedStream(Dataset):
             "defect_labels": torch.from_numpy(self.labels[d]),
             "target_labels": torch.from_numpy(target),
             "alpha": torch.from_numpy(alpha),
+            "region": torch.tensor(box, dtype=torch.float32),
         }
 
 

@@ -31,7 +31,7 @@ from dgan.train.progress import Progress
 # Changing these keys between a checkpoint and a resume would change what the weights mean.
 COMPATIBLE_PREFIXES = ("log.", "train.iterations", "data.num_workers", "data.root")
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_total")
-G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_total")
+G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
 
 @dataclass
@@ -58,17 +58,37 @@ def translate(G: torch.nn.Module, x: Tensor, labels: Tensor):
     return G(x, control_map_from_labels(labels, x.shape[2], x.shape[3]))
 
 
+def target_region(region: Tensor, height: int, width: int) -> Tensor:
+    """(B, 1, H, W) map of where defacement is asked: the sample's box if flagged, else all."""
+    use, x0, y0, bw, bh = region.unbind(1)
+    ys = (torch.arange(height, device=region.device) + 0.5) / height
+    xs = (torch.arange(width, device=region.device) + 0.5) / width
+    in_y = (ys >= y0[:, None]) & (ys < (y0 + bh)[:, None])
+    in_x = (xs >= x0[:, None]) & (xs < (x0 + bw)[:, None])
+    box = (in_y[:, :, None] & in_x[:, None, :]).to(region.dtype)
+    return torch.where(use[:, None, None] > 0, box, torch.ones_like(box))[:, None]
+
+
+def first_stage_control(batch: dict[str, Tensor], height: int, width: int) -> tuple[Tensor, Tensor]:
+    """A for the first G pass over [n | d]: the target label (inside its region) for the
+    normals, "normal" (0) for the defects. Returns (A, the normals' target region)."""
+    where = target_region(batch["region"], height, width)
+    deface = control_map_from_labels(batch["target_labels"], height, width) * where
+    return torch.cat([deface, torch.zeros_like(deface)]), where
+
+
 def d_step(
     nets: Nets, batch: dict[str, Tensor], config: GanConfig, accelerator
 ) -> dict[str, Tensor]:
     """Update D on Eq. 11 with WGAN-GP: real [d | n] against G's fakes [d' | n'] and their mixes."""
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
+    control, _ = first_stage_control(batch, n.shape[2], n.shape[3])
     with torch.no_grad():  # D's update needs the fakes, not G's graph
-        fake = translate(nets.G_raw, torch.cat([n, d]), torch.cat([batch["target_labels"], zeros]))
+        fake = nets.G_raw(torch.cat([n, d]), control)
     b = n.shape[0]
     real = torch.cat([d, n])
-    fake_images = torch.cat([fake.image[:b], fake.image[b:]])  # [d' from n | n' from d]
+    fake_images = fake.image  # [d' from n | n' from d]
     alpha = torch.cat([batch["alpha"][:, 0], batch["alpha"][:, 1]])
     x_hat = losses.interpolate(real, fake_images, alpha).requires_grad_(True)
     src, cls = nets.D(torch.cat([real, fake_images, x_hat]))
@@ -105,7 +125,8 @@ def g_step(
     c_target, c_real = batch["target_labels"], batch["defect_labels"]
     zeros = torch.zeros_like(c_real)
     b = n.shape[0]
-    first = translate(nets.G, torch.cat([n, d]), torch.cat([c_target, zeros]))  # [d' | n']
+    control, where = first_stage_control(batch, n.shape[2], n.shape[3])
+    first = nets.G(torch.cat([n, d]), control)  # [d' | n']
     second = translate(nets.G, first.image, torch.cat([zeros, c_real]))  # [n^ | d^]
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
@@ -122,14 +143,16 @@ def g_step(
         # first.defect_mask = [m_d | m_n]; second = [m_n^ | m_d^]: each map against its inverse.
         terms["g_sd_cyc"] = losses.sd_cycle_loss(first.defect_mask, second.defect_mask)
         terms["g_sd_con"] = losses.sd_region_loss(first.defect_mask, second.defect_mask)
+        terms["g_outside"] = losses.outside_region_loss(first.defect_mask[:b], where)
     else:
-        terms["g_sd_cyc"] = terms["g_sd_con"] = torch.zeros((), device=n.device)
+        terms["g_sd_cyc"] = terms["g_sd_con"] = terms["g_outside"] = n.new_zeros(())
     terms["g_total"] = (
         terms["g_adv"]
         + lw.lambda_cls_f * terms["g_cls_f"]
         + lw.lambda_rec * terms["g_rec"]
         + lw.lambda_sd_cyc * terms["g_sd_cyc"] * use_sc
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
+        + lw.lambda_outside * terms["g_outside"] * use_sc
     )
     terms["mask_mean"] = (
         first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
@@ -267,7 +290,13 @@ def load_training_data(config: GanConfig) -> tuple[DatasetIndex, list[str], Unpa
     normals = index.select("train", normal=True)
     defects = [s for s in index.select("train", normal=False) if any(s.labels[c] for c in columns)]
     stream = UnpairedStream(
-        normals, defects, columns, config.data.image_size, config.data.flip, config.train.seed
+        normals,
+        defects,
+        columns,
+        config.data.image_size,
+        config.data.flip,
+        config.train.seed,
+        config.train.random_region_prob,
     )
     return index, classes, stream
 
