@@ -109,9 +109,14 @@ class Tracker:
         """Log an MLflow pyfunc model defined by a code file (models-from-code: no pickling)."""
         if not self.enabled:
             return None
+        import warnings
+
         import mlflow
 
-        with mlflow.start_run(run_id=self.run_id):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with warnings.catch_warnings(), mlflow.start_run(run_id=self.run_id):
+            # predict() takes a dict of arrays; MLflow's type-hint advice does not apply.
+            warnings.filterwarnings("ignore", message=".*type hint.*")
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(code),

@@ -180,7 +180,13 @@ def prepare_inspector_run(
     `tags` go onto the run's MLflow run.
     """
     from dgan.data import ensure_demo_dataset
+    from dgan.models.inspector import pretrained_hint
 
+    weights = config.model.pretrained
+    if weights is not None and not Path(weights).is_file():  # before any data is made
+        raise DganError(
+            f"--pretrained {weights}: no such file. {pretrained_hint(config.model.arch)}", 2
+        )
     resume_path = None
     if resume is not None:
         resume_path = ckpt.resolve_resume(resume, config.log.run_root, "inspector")
