@@ -46,3 +46,15 @@ def tiny_gan_config(root: Path, *extra: str):
     from dgan.config import load_config
 
     return load_config("gan", [], [*TINY_GAN, f"data.root={root}", *extra])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets gain nothing from a second thread, and run 10-20x slower with two threads when
+    another process holds the other core (OpenMP workers spin-wait for each other)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,17 +30,10 @@ from dgan.models.inspector import (
     grl_alpha,
 )
 
+# Tiny nets: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = ["model.arch=small", "data.image_size=16"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets gain nothing from a second thread, and run 10-20x slower with two threads when
-    another process holds the other core (OpenMP workers spin-wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

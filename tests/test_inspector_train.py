@@ -29,16 +29,6 @@ TINY_INSPECTOR = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets gain nothing from a second thread, and run 10-20x slower with two threads when
-    another process holds the other core (OpenMP workers spin-wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory) -> str:
     """One MLflow store for the module: creating its tables costs seconds per database."""
@@ -236,3 +226,7 @@ def test_two_processes_train_one_inspector_over_gloo(
     assert (last / "rng-1.pt").is_file()  # the second process ran and saved its RNG
     assert last.name == "iter-00000006"  # 24 images an epoch at a global batch of 4
     assert (run_dir / "inspector" / "model.safetensors").is_file()
+
+
+# Tiny nets: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")

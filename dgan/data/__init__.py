@@ -18,6 +18,7 @@ CODEBRIM_CLASSES: tuple[str, ...] = (
     "corrosion_stain",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test", "transfer")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ class DatasetIndex:
             for s in self.samples
             if (split is None or s.split == split) and (normal is None or s.is_normal == normal)
         ]
+
+
+def image_files(directory: Path) -> list[Path]:
+    """Image files directly in `directory`, sorted; hidden and temp files are skipped."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def open_dataset(root: Path) -> DatasetIndex:

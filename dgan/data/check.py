@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dgan.data import SPLITS, DatasetIndex, Sample, codebrim, open_dataset
+from dgan.data import SPLITS, DatasetIndex, Sample, codebrim, image_files, open_dataset
 from dgan.errors import DganError
 from dgan.report import text_table
 
@@ -35,7 +35,6 @@ ALL_ZERO_DEFECT = "all-zero labels on a defect image"
 NO_NORMALS = "no normal images in train"
 NO_DEFECTS = "no defect images in train"
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PROBLEM_LINES = 20  # in the DganError of require_usable; the full list is in the report
 
 
@@ -294,7 +293,7 @@ def _folder_problems(index: DatasetIndex) -> list[Problem]:
             )
             problems.append(Problem(s.path, ALL_ZERO_DEFECT, detail, fatal=True))
     for folder in ("normal", "defect"):
-        for path in _images_in(index.root / folder):
+        for path in image_files(index.root / folder):
             if path not in seen:
                 detail = "not listed in labels.csv, so training ignores it; add a row or remove it."
                 problems.append(Problem(path, UNLISTED_FILE, detail, fatal=False))
@@ -332,16 +331,6 @@ def _top_folder(root: Path, path: Path) -> str | None:
     except ValueError:
         return None
     return parts[0] if len(parts) > 1 else None
-
-
-def _images_in(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
 
 
 def _counts(index: DatasetIndex) -> dict[str, SplitCounts]:

@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgan.data import CODEBRIM_CLASSES, DatasetIndex, Sample
+from dgan.data import CODEBRIM_CLASSES, IMAGE_SUFFIXES, DatasetIndex, Sample, image_files
 from dgan.errors import DganError
 
 CODEBRIM_SPLITS = ("train", "val", "test")
@@ -36,7 +36,6 @@ METADATA_TAGS = (
     "CorrosionStain",
 )
 CROP_MARK = "_-_"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -78,9 +77,9 @@ def scan_codebrim(root: Path) -> CodebrimScan:
     scan = CodebrimScan(index=DatasetIndex(root=root, classes=CODEBRIM_CLASSES, layout="codebrim"))
     normal_labels = (0,) * len(CODEBRIM_CLASSES)
     for split in CODEBRIM_SPLITS:
-        for path in _images_in(root / split / "background"):
+        for path in image_files(root / split / "background"):
             scan.index.samples.append(Sample(path=path, labels=normal_labels, split=split))
-        for path in _images_in(root / split / "defects"):
+        for path in image_files(root / split / "defects"):
             labels = labels_by_name.get(path.name) or labels_by_name.get(metadata_name(path.name))
             if labels is None:
                 scan.unlisted.append(path)
@@ -140,13 +139,3 @@ def _entry_values(path: Path, name: str, entry: ET.Element) -> tuple[int, ...]:
     if any(text not in ("0", "1") for text in texts):
         raise DganError(f"{path}: entry {name!r} must hold 0 or 1 in each child, got {texts}.")
     return tuple(int(text) for text in texts)
-
-
-def _images_in(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
