@@ -213,18 +213,29 @@ class InspectorConfig(Section):
 
 
 class SynthConfig(Section):
-    """Everything one `dgan synth` run needs."""
+    """Everything one `dgan synth` run needs (Sec. 4.2: 50,000 defects plus restored normals).
 
-    generator: str | None = None  # run dir, checkpoint or MLflow model URI; None: latest run
-    normals: Path | None = None
+    Image i of a set depends only on (seed, i) and the generator: not on batch_size, workers or
+    the number of processes, which are therefore free to change when a run is resumed.
+    """
+
+    generator: str | None = None  # run dir, checkpoint, model dir or MLflow URI; None: latest run
+    normals: Path | None = None  # None: the generator's training set (its train split's normals)
+    normals_split: str = "train"  # which split's normals, for datasets with splits
     out: Path = Path("synth")
-    n: int = Field(50_000, ge=1)  # Sec. 4.2: 50,000 synthesized defect samples
-    classes: list[str] | None = None
-    per_class: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)  # Sec. 4.2: 50,000; None with per_class: per_class * C
+    classes: list[str] | None = None  # every image gets exactly these categories
+    per_class: int | None = Field(None, ge=1)  # balanced: per_class single-category images each
     region: Literal["full", "random-box", "boxes", "masks"] = "full"
-    region_path: Path | None = None
-    batch_size: int = Field(64, ge=1)
+    region_path: Path | None = None  # the boxes CSV or the masks directory
+    restored: bool = True  # also write restore(defect) into normal/ (Sec. 4.2, Fig. 8)
     seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)  # loader processes reading normals
+    writers: int = Field(2, ge=1)  # threads encoding and writing PNGs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on a CPU
+    run_root: Path = Path("runs")  # where "the latest run" is looked up
+    tracking_uri: str | None = None  # for MLflow model URIs
 
 
 class TuneConfig(Section):

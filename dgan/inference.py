@@ -54,10 +54,13 @@ def control_map(labels: Tensor, where: Tensor) -> Tensor:
     return labels[:, :, None, None] * where
 
 
-def _noise_generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+def _noise_generator(device: torch.device, seed: int | Sequence[int] | None):
+    """No generator (global RNG), one for the batch (an int), or one per image (a sequence)."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    if isinstance(seed, int):
+        return torch.Generator(device=device).manual_seed(seed)
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
 
 @torch.inference_mode()
@@ -66,11 +69,13 @@ def deface(
     normals: Tensor,
     labels: Tensor,
     region: None | Tensor | Sequence = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Defect images and their spatial distribution maps m for normals (B, 3, H, W) in [-1, 1].
 
     `labels` (B, C) are multi-hot target categories; `region` restricts where (see region_mask).
+    `seed`: an int seeds the batch's noise; one int per image makes image i depend only on its
+    own seed, whatever batch it is computed in.
     Without LWC there is no m; the returned map is then the normalised change |d - n|.
     """
     b, _, h, w = normals.shape
@@ -87,7 +92,7 @@ def deface(
 
 @torch.inference_mode()
 def restore(
-    generator: Generator, defects: Tensor, seed: int | None = None
+    generator: Generator, defects: Tensor, seed: int | Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Restored normals and repaint maps for defect images (B, 3, H, W) in [-1, 1] (A = 0)."""
     b, _, h, w = defects.shape

@@ -14,10 +14,15 @@ map at inference (a box, a mask) is 0 outside its region, i.e. "leave this area 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+# None (the global RNG), one generator for the batch, or one per image (synthesis: output i then
+# depends only on its own seed, whatever the batch it is computed in).
+NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None
 
 
 def instance_norm(channels: int, affine: bool = True) -> nn.InstanceNorm2d:
@@ -32,9 +37,17 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.noise_strength = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, x: Tensor, generator: NoiseGenerator = None) -> Tensor:
         b, _, h, w = x.shape
-        noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype, generator=generator)
+        if isinstance(generator, Sequence):  # one stream per image: batch-size independent
+            noise = torch.cat(
+                [
+                    torch.randn(1, 1, h, w, device=x.device, dtype=x.dtype, generator=g)
+                    for g in generator
+                ]
+            )
+        else:
+            noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype, generator=generator)
         return x + self.noise_strength.to(x.dtype) * noise
 
 
@@ -147,7 +160,7 @@ class Generator(nn.Module):
         self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
 
     def forward(
-        self, x: Tensor, control_map: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, control_map: Tensor, generator: NoiseGenerator = None
     ) -> GeneratorOutput:
         noise = iter(self.noise)
 
