@@ -292,7 +292,7 @@ class Pipeline:
         self.precision = resolve_precision(job.config.precision, device)
         self.pool = ThreadPoolExecutor(job.config.writers, thread_name_prefix="dgan-png")
         self.inflight: deque[Future] = deque()
-        self.open_chunks: dict[int, list] = {}  # chunk -> [futures, rows, images left]
+        self.open_chunks: dict[int, list] = {}  # chunk -> [futures, images left]
         G = job.generator.to(device)
         if device.type == "cuda":
             G = G.to(memory_format=torch.channels_last)
@@ -309,7 +309,7 @@ class Pipeline:
             prefetch_factor=4 if job.config.num_workers > 0 else None,
         )
         for chunk in chunks:
-            self.open_chunks[chunk] = [[], [], len(chunk_range(chunk, job.n))]
+            self.open_chunks[chunk] = [[], len(chunk_range(chunk, job.n))]
         written = 0
         try:
             for batch in loader:
@@ -350,14 +350,15 @@ class Pipeline:
         for i in indices:
             chunk = i // CHUNK
             state = self.open_chunks[chunk]
-            state[0].append(future)
-            state[1].append(self._manifest_row(i))
-            state[2] -= 1
+            if not state[0] or state[0][-1] is not future:
+                state[0].append(future)
+            state[1] -= 1
         while len(self.inflight) > 2 * self.job.config.writers:  # bound memory: backpressure
             self.inflight.popleft().result()
         return len(indices)
 
-    def _write(self, indices, defects, masks, restored) -> None:
+    def _write(self, indices, defects, masks, restored) -> list[list]:
+        """Write one batch's files (on a writer thread); return its manifest rows."""
         root = self.out.root
         for k, i in enumerate(indices):
             name = image_name(i)
@@ -365,6 +366,7 @@ class Pipeline:
             write_png(masks[k], root / "masks" / name)
             if restored is not None:
                 write_png(restored[k], root / "normal" / name)
+        return [self._manifest_row(i) for i in indices]
 
     def _manifest_row(self, i: int) -> list:
         job, item = self.job, self.job.plan.item(i)
@@ -384,10 +386,9 @@ class Pipeline:
 
     def _close_finished_chunks(self) -> None:
         for chunk in list(self.open_chunks):
-            futures, rows, left = self.open_chunks[chunk]
+            futures, left = self.open_chunks[chunk]
             if left == 0 and all(f.done() for f in futures):
-                for f in futures:
-                    f.result()  # re-raise a failed write
+                rows = [row for f in futures for row in f.result() if row[0] // CHUNK == chunk]
                 self.out.write_part(chunk, sorted(rows, key=lambda r: r[0]))
                 del self.open_chunks[chunk]
 
