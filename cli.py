@@ -519,7 +519,7 @@ def synth(
 
     cfg = load_config("synth", config, [*overrides, *(set_ or [])])
     result = run_synth(cfg, gpus=gpus, quiet=quiet, log=typer.echo)
-    if result.written:
+    if result.written and os.environ.get("RANK", "0") == "0":  # once under torchrun
         typer.echo(
             f"wrote {result.written} images in {result.seconds:.1f} s "
             f"({result.images_per_second:.1f} images/s); {result.out} holds all {result.n}"
