@@ -41,6 +41,20 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override one key: section.key=value; repeatable."),
 ]
+PromoteOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="METRIC",
+        help="Move alias 'champion' to the registered version only when METRIC improves on the "
+        "champion's (log.promote_if_better; direction from the name or log.promote_mode).",
+    ),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+    ),
+]
 
 
 def friendly(fn):
@@ -181,10 +195,13 @@ def train_gan(
         str | None, typer.Option(help="'latest', a run directory or a checkpoint directory.")
     ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    promote_if_better: PromoteOpt = None,
     name: Annotated[str, typer.Option(help="Suffix of the run directory name.")] = "gan",
     quiet: Annotated[bool, typer.Option(help="Plain progress lines, no live bar.")] = False,
 ) -> None:
     """Train Defect-GAN. With no arguments: the demo preset on the demo dataset (made if absent).
+
+    A finished run registers its generator as a new version of the MLflow model defect-gan.
 
     Example: dgan train gan --config demo --set train.iterations=2000 --gpus 2
     """
@@ -193,6 +210,8 @@ def train_gan(
         overrides.append(f"data.root={data}")
     if tracking_uri is not None:
         overrides.append(f"log.tracking_uri={tracking_uri}")
+    if promote_if_better is not None:
+        overrides.append(f"log.promote_if_better={json.dumps(promote_if_better)}")
     cfg = _gan_config(config, overrides, resume)
     from dgan.train.launch import run_gan
 
@@ -338,19 +357,23 @@ def train_inspector(
         str | None, typer.Option(help="'latest', a run directory or a checkpoint directory.")
     ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    promote_if_better: PromoteOpt = None,
     name: Annotated[str, typer.Option(help="Suffix of the run directory name.")] = "inspector",
     quiet: Annotated[bool, typer.Option(help="Plain progress lines, no live bar.")] = False,
 ) -> None:
     """Train the defect inspector on real images, optionally mixed with synthesized ones.
 
     With no arguments: the demo preset (small CNN, 32 px) on the demo dataset (made if absent).
-    The best epoch by val multi-target accuracy is kept in RUN/inspector/ and scored on test.
+    The best epoch by val multi-target accuracy is kept in RUN/inspector/, scored on test, and
+    registered as a new version of the MLflow model defect-inspector.
 
-    Example: dgan train inspector --synthetic synth/demo --set train.epochs=5 --gpus 2
+    Example: dgan train inspector --promote-if-better val_multi_target_accuracy --gpus 2
     """
     overrides = _inspector_overrides(
         set_, data, synthetic, arch, pretrained, grl, defect_fraction, tracking_uri
     )
+    if promote_if_better is not None:
+        overrides.append(f"log.promote_if_better={json.dumps(promote_if_better)}")
     cfg = _inspector_config(config, overrides, resume)
     from dgan.train.inspector import run_inspector
 
@@ -361,22 +384,29 @@ def train_inspector(
 @eval_app.command("inspector")
 @friendly
 def eval_inspector(
-    model: Annotated[Path, typer.Argument(help="Inspector directory or its run directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Inspector directory, its run directory, a checkpoint, or an MLflow model URI "
+            "(models:/defect-inspector@champion, models:/defect-inspector/3, models:/m-...)."
+        ),
+    ],
     data: Annotated[Path, typer.Argument(help="Dataset root: folder format or CODEBRIM.")],
     split: Annotated[str, typer.Option(help="train, val, test or transfer.")] = "test",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the metrics as JSON.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Score a trained inspector on one split: multi-target accuracy, per-class P/R/F1/AP.
 
-    Example: dgan eval inspector runs/inspector/00000-inspector data/demo --json test.json
+    Example: dgan eval inspector models:/defect-inspector@champion data/demo --json test.json
     """
     from dgan.io import atomic_write_text
     from dgan.train.inspector import evaluate_inspector
 
-    report = evaluate_inspector(model, data, split, batch_size)
+    report = evaluate_inspector(model, data, split, batch_size, tracking_uri)
     typer.echo(report.format())
     if json_out:
         result = {"model": str(model), "data": str(data), **report.to_dict()}
@@ -524,6 +554,71 @@ def synth(
             f"wrote {result.written} images in {result.seconds:.1f} s "
             f"({result.images_per_second:.1f} images/s); {result.out} holds all {result.n}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# dgan models: the MLflow model registry
+# ---------------------------------------------------------------------------------------------
+
+models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@friendly
+def models_list(
+    name: Annotated[
+        str | None, typer.Argument(help="Registered model (default: every one).")
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the versions as JSON to this file; '-': stdout."),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Show the versions of registered models: aliases, creation time, run and key metrics.
+
+    Example: dgan models list defect-inspector --json -
+    """
+    from dgan.models.registry import format_versions, list_versions
+    from dgan.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    rows = list_versions(name, uri)
+    if json_out is not None:
+        text = json.dumps({"tracking_uri": uri, "versions": [r.to_dict() for r in rows]}, indent=2)
+        if str(json_out) == "-":
+            typer.echo(text)
+            return
+        from dgan.io import atomic_write_text
+
+        atomic_write_text(json_out, text + "\n")
+    if not rows:
+        typer.echo(
+            f"no registered models at {uri}. A finished 'dgan train gan' or 'dgan train "
+            "inspector' registers its model (log.log_model and log.registered_model)."
+        )
+        return
+    typer.echo(format_versions(rows))
+
+
+@models_app.command("promote")
+@friendly
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Registered model, e.g. defect-gan.")],
+    version: Annotated[str, typer.Argument(help="Version number to point the alias at.")],
+    alias: Annotated[str, typer.Option(help="Alias to set or move.")] = "champion",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Point an alias (default: champion) at a version; models:/NAME@ALIAS then loads it.
+
+    Example: dgan models promote defect-gan 3 --alias champion
+    """
+    from dgan.models.registry import promote
+
+    previous = promote(name, version, alias, tracking_uri)
+    was = f" (was version {previous})" if previous and previous != version else ""
+    typer.echo(f"{name}@{alias} -> version {version}{was}")
 
 
 def main() -> None:  # pragma: no cover - console entry

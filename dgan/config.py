@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dgan.errors import DganError
 
@@ -100,6 +107,40 @@ class LogConfig(Section):
     checkpoint_every: int = Field(10_000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_model: bool = True  # log the final EMA generator to MLflow
+    # Register the logged generator as a new version of this MLflow model; empty: do not.
+    registered_model: str | None = "defect-gan"
+    # Move alias `champion` to the new version only when this metric improves on the champion's.
+    promote_if_better: str | None = None
+    promote_mode: Literal["min", "max"] | None = None  # None: from the metric's name
+
+    _empty_is_off = field_validator("registered_model", "promote_if_better", mode="before")(
+        lambda v: v or None
+    )
+
+    @model_validator(mode="after")
+    def _check_registry(self) -> LogConfig:
+        return check_registry_keys(self)
+
+
+def check_registry_keys(log: Any) -> Any:
+    """Promotion needs a logged, registered model and a known direction of improvement."""
+    metric = log.promote_if_better
+    if metric is None:
+        return log
+    if not (log.log_model and log.registered_model):
+        raise ValueError(
+            f"promote_if_better={metric} needs log.log_model=true and a log.registered_model: "
+            "only a registered version can be promoted"
+        )
+    if log.promote_mode is None:
+        from dgan.models.registry import metric_direction
+
+        if metric_direction(metric) is None:
+            raise ValueError(
+                f"promote_if_better={metric}: the name does not say whether higher or lower is "
+                "better; set log.promote_mode=max or log.promote_mode=min"
+            )
+    return log
 
 
 class GanConfig(Section):
@@ -192,6 +233,19 @@ class InspectorLogConfig(Section):
     log_every: int = Field(100, ge=1)  # steps between training-loss logs; val runs every epoch
     keep_checkpoints: int = Field(3, ge=1)  # one checkpoint per epoch
     log_model: bool = True  # log the best epoch as an MLflow pyfunc model (about 5 s)
+    # Register the logged inspector as a new version of this MLflow model; empty: do not.
+    registered_model: str | None = "defect-inspector"
+    # Move alias `champion` to the new version only when this metric improves on the champion's.
+    promote_if_better: str | None = None
+    promote_mode: Literal["min", "max"] | None = None  # None: from the metric's name
+
+    _empty_is_off = field_validator("registered_model", "promote_if_better", mode="before")(
+        lambda v: v or None
+    )
+
+    @model_validator(mode="after")
+    def _check_registry(self) -> InspectorLogConfig:
+        return check_registry_keys(self)
 
 
 class InspectorConfig(Section):

@@ -11,9 +11,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dgan.errors import DganError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -34,6 +37,43 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"the MLflow server at {uri} cannot be reached ({err}). Start it, fix "
             "--tracking-uri / MLFLOW_TRACKING_URI, or unset it to track into sqlite:///mlflow.db."
         ) from None
+
+
+def require_store(uri: str) -> None:
+    """For commands that read an existing store: the server answers, or the SQLite file exists.
+
+    Without this check MLflow would create an empty mlflow.db and report "not found".
+    """
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise DganError(
+                f"no MLflow store at {uri}: {path} does not exist. Run the command where training "
+                "ran, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store it used.",
+                exit_code=2,
+            )
+
+
+# Keys that do not change what a run trains: where it logs, where its data lives (the data is
+# identified by its content, dgan.dataset_hash) and how many loader workers read it.
+NOT_SETTINGS = ("log.", "data.root", "data.synthetic", "data.num_workers")
+
+
+def run_tags(job: str, config: BaseModel, run_dir: Path, dataset: str) -> dict[str, str]:
+    """The tags every training run carries, so runs can be filtered and compared in the MLflow UI.
+
+    dgan.job, dgan.run_dir, dgan.config_hash (of the training settings: equal hashes mean the same
+    model, data selection and schedule) and dgan.dataset_hash (`dataset`, see dgan.data).
+    """
+    from dgan.config import config_hash
+
+    return {
+        "dgan.job": job,
+        "dgan.run_dir": str(Path(run_dir).resolve()),
+        "dgan.config_hash": config_hash(config, NOT_SETTINGS),
+        "dgan.dataset_hash": dataset,
+    }
 
 
 class Tracker:
@@ -124,6 +164,12 @@ class Tracker:
                 pip_requirements=["dgan"],
             )
         return info.model_uri
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The last logged value of every metric of the run (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:

@@ -108,14 +108,15 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    from dgan.tracking import check_reachable, resolve_tracking_uri
+    from dgan.tracking import require_store, resolve_tracking_uri
 
     tracking = resolve_tracking_uri(tracking_uri)
-    check_reachable(tracking)
+    require_store(tracking)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
-    uri = _pin_alias(uri, tracking)
-    key = hashlib.sha256(f"{tracking}\n{uri}".encode()).hexdigest()[:24]
+    uri, identity = _pin(uri, tracking)
+    store = absolute_store_uri(tracking)
+    key = hashlib.sha256(f"{store}\n{uri}\n{identity}".encode()).hexdigest()[:24]
     final = cache_root() / key
     if final.is_dir() and (found := find_model_dir(final)):
         return found
@@ -126,8 +127,11 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
     except Exception as err:  # noqa: BLE001 - any MLflow failure means the URI does not resolve
         shutil.rmtree(tmp, ignore_errors=True)
+        from dgan.models.registry import explain_model_uri
+
         raise DganError(
-            f"model URI {uri} does not resolve at {tracking}: {_first_line(err)}. "
+            explain_model_uri(uri, tracking)
+            or f"model URI {uri} does not resolve at {tracking}: {_first_line(err)}. "
             "List what exists with 'dgan models list'; check --tracking-uri / MLFLOW_TRACKING_URI."
         ) from None
     if find_model_dir(tmp) is None:
@@ -138,21 +142,33 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
     return find_model_dir(final)
 
 
-def _pin_alias(uri: str, tracking: str) -> str:
-    """models:/NAME@alias -> models:/NAME/VERSION, so that the cache follows the alias."""
-    if not uri.startswith("models:/") or "@" not in uri:
-        return uri
-    import mlflow
+def _pin(uri: str, tracking: str) -> tuple[str, str]:
+    """(URI, identity): models:/NAME@alias becomes models:/NAME/VERSION, so that the cache follows
+    the alias, and a registered version is identified by its logged model, so that a store made
+    anew under the same path cannot serve a stale copy. Other URIs are their own identity."""
+    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
+        return uri, ""
+    from dgan.models.registry import get_alias, get_version, registry_client
 
-    name, alias = uri.removeprefix("models:/").split("@", 1)
-    try:
-        version = mlflow.MlflowClient(tracking).get_model_version_by_alias(name, alias)
-    except Exception as err:  # noqa: BLE001
-        raise DganError(
-            f"model URI {uri} does not resolve at {tracking}: {_first_line(err)}. "
-            "List versions and aliases with 'dgan models list'."
-        ) from None
-    return f"models:/{name}/{version.version}"
+    rest = uri.removeprefix("models:/").strip("/")
+    client = registry_client(tracking)
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = get_alias(client, name, alias)  # names what exists if absent
+    elif "/" in rest:
+        name, number = rest.rsplit("/", 1)
+        version = get_version(client, name, number)
+    else:
+        return uri, ""
+    pinned = f"models:/{name}/{version.version}"
+    return pinned, getattr(version, "model_id", None) or version.source
+
+
+def absolute_store_uri(tracking: str) -> str:
+    """sqlite:///mlflow.db relative to the working directory, made absolute; others unchanged."""
+    if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(tracking.removeprefix("sqlite:///")).resolve())
+    return tracking
 
 
 def _first_line(err: Exception) -> str:
@@ -175,22 +191,45 @@ def resolve_model(
     return resolve_local(Path(spec), "generator" if job == "gan" else job)
 
 
+def read_model_config(source: ModelSource, job: str):
+    """The config a model was trained with, refusing a model of the other job by name."""
+    import yaml
+    from pydantic import ValidationError
+
+    from dgan.config import JOB_CONFIGS
+
+    if source.directory is not None:
+        path = source.directory / "config.yaml"
+    else:
+        path = source.checkpoint.parent.parent / "config.yaml"
+    if not path.is_file():
+        raise DganError(f"{source.uri} has no config.yaml ({path}); it was not written by dgan")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return JOB_CONFIGS[job].model_validate(data)
+    except ValidationError as err:
+        names = {"gan": "a Defect-GAN generator", "inspector": "a defect inspector"}
+        other = "inspector" if job == "gan" else "gan"
+        extra = set(data) - set(JOB_CONFIGS[job].model_fields)
+        if extra and extra <= set(JOB_CONFIGS[other].model_fields):
+            raise DganError(
+                f"{source.uri} is {names[other]}, not {names[job]}; give {names[job]}'s run "
+                "directory or model URI.",
+                exit_code=2,
+            ) from None
+        raise DganError(f"{path} does not fit this version of dgan: {err}") from None
+
+
 def load_generator_from(source: ModelSource, device: str = "cpu"):
     """(G in eval mode, its GanConfig, its classes); a checkpoint gives its EMA weights."""
-    import yaml
-
-    from dgan.config import GanConfig
     from dgan.models.export import load_generator
 
+    config = read_model_config(source, "gan")
     if source.directory is not None:
         return load_generator(source.directory, device)
     from dgan.models import build_gan
     from dgan.train.checkpoint import load_checkpoint
 
-    config_path = source.checkpoint.parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise DganError(f"checkpoint {source.checkpoint} has no config.yaml two levels up")
-    config = GanConfig.model_validate(yaml.safe_load(config_path.read_text()))
     state, _ = load_checkpoint(source.checkpoint)
     if "G" not in state:
         raise DganError(f"{source.checkpoint} is not a Defect-GAN checkpoint (no generator)")
@@ -198,3 +237,22 @@ def load_generator_from(source: ModelSource, device: str = "cpu"):
     G, _ = build_gan(config, len(classes))
     G.load_state_dict(state["G_ema"] or state["G"])
     return G.to(device).eval(), config, classes
+
+
+def load_inspector_from(source: ModelSource, device: str = "cpu"):
+    """(inspector in eval mode, its config, its classes) from a model directory or checkpoint."""
+    from dgan.models.inspector import build_inspector, load_inspector
+
+    config = read_model_config(source, "inspector")
+    if source.directory is not None:
+        return load_inspector(source.directory, device)
+    from dgan.train.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(source.checkpoint)
+    if "model" not in state or "classes" not in state:
+        raise DganError(f"{source.checkpoint} is not a defect inspector checkpoint (no model)")
+    classes = list(state["classes"])
+    source_head = any(k.startswith("source_classifier.") for k in state["model"])
+    model = build_inspector(config, len(classes), source_head, load_pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, classes

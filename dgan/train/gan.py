@@ -335,7 +335,7 @@ def train_gan(
     """
     accelerator = accelerator or make_accelerator(config, None)
     main = accelerator.is_main_process
-    _, classes, stream = load_training_data(config)
+    index, classes, stream = load_training_data(config)
     nets = build_nets(config, len(classes), accelerator)
     start = 0
     status = ckpt.read_status(run_dir)
@@ -359,7 +359,7 @@ def train_gan(
         num_workers=config.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    tracker = _open_tracker(config, run_dir, status, main)
+    tracker = _open_tracker(config, run_dir, status, main, index)
     if main:
         atomic_write_text(run_dir / "config.yaml", to_yaml(config))
         ckpt.write_status(run_dir, state="running", classes=classes, mlflow_run_id=tracker.run_id)
@@ -510,21 +510,18 @@ def _write_grid(nets: Nets, inputs, classes, run_dir: Path, iteration: int, trac
     tracker.log_artifact(path, "samples")
 
 
-def _open_tracker(config: GanConfig, run_dir: Path, status: dict, main: bool):
-    from dgan.tracking import Tracker
+def _open_tracker(config: GanConfig, run_dir: Path, status: dict, main: bool, index):
+    from dgan.data import dataset_hash
+    from dgan.tracking import Tracker, run_tags
 
-    params = flatten(config)
+    resumed = status.get("mlflow_run_id") is not None  # the run keeps the tags it was made with
     return Tracker(
         enabled=main,
         uri=config.log.tracking_uri,
         experiment=config.log.experiment,
         run_name=run_dir.name,
-        params=params,
-        tags={
-            "dgan.job": "gan",
-            "dgan.run_dir": str(run_dir.resolve()),
-            "dgan.config_hash": config_hash(config),
-        },
+        params=flatten(config),
+        tags=None if resumed or not main else run_tags("gan", config, run_dir, dataset_hash(index)),
         run_id=status.get("mlflow_run_id"),
     )
 
@@ -541,3 +538,11 @@ def _finish(nets: Nets, config: GanConfig, classes: list[str], run_dir: Path, tr
         run_dir, state="finished", iteration=config.train.iterations, model_uri=model_uri
     )
     tracker.finish("FINISHED")
+    if model_uri is not None:
+        from dgan.models.registry import gan_key_metrics, register_run_model
+
+        metrics = gan_key_metrics(tracker.latest_metrics())
+        if registration := register_run_model(tracker, model_uri, config.log, metrics):
+            for line in registration.lines():
+                print(line, flush=True)
+            ckpt.write_status(run_dir, **registration.status_fields())

@@ -473,7 +473,32 @@ def _finish(raw, config, classes, run_dir: Path, data, best: Best, accelerator, 
             test_multi_target_accuracy=report.multi_target_accuracy, model_uri=model_uri,
         )  # fmt: skip
         tracker.finish("FINISHED")
+        if model_uri is not None:
+            _register(tracker, model_uri, config, run_dir, summary["val"], report)
     accelerator.wait_for_everyone()
+
+
+def inspection_dataset_hash(config: InspectorConfig) -> str:
+    """dgan.data.dataset_hash of the real set and every synthesized set, as one."""
+    from dgan.data import dataset_hash, open_dataset
+
+    return dataset_hash(*(open_dataset(p) for p in [config.data.root, *config.data.synthetic]))
+
+
+def _register(tracker, model_uri: str, config, run_dir: Path, val: dict, test) -> None:
+    """Register the exported epoch with its val and test scores as version tags."""
+    from dgan.models.registry import register_run_model
+
+    metrics = {
+        "val_multi_target_accuracy": val["multi_target_accuracy"],
+        "test_multi_target_accuracy": test.multi_target_accuracy,
+    }
+    if test.macro["f1"] is not None:
+        metrics["test_macro_f1"] = test.macro["f1"]
+    if registration := register_run_model(tracker, model_uri, config.log, metrics):
+        for line in registration.lines():
+            print(line, flush=True)
+        ckpt.write_status(run_dir, **registration.status_fields())
 
 
 def _sync_buffers(raw: torch.nn.Module, accelerator) -> None:
@@ -502,15 +527,15 @@ def _save(accelerator, raw, optimizer, config, classes, run_dir: Path, step: int
 
 
 def _open_tracker(config: InspectorConfig, run_dir: Path, status: dict, main: bool, source_head):
-    from dgan.tracking import Tracker
+    from dgan.tracking import Tracker, run_tags
 
-    tags = {
-        "dgan.job": "inspector",
-        "dgan.run_dir": str(run_dir.resolve()),
-        "dgan.config_hash": config_hash(config),
-        "dgan.source_classifier": str(source_head).lower(),
-        **status.get("mlflow_tags", {}),
-    }
+    tags = None
+    if main and status.get("mlflow_run_id") is None:  # a resumed run keeps its tags
+        tags = {
+            **run_tags("inspector", config, run_dir, inspection_dataset_hash(config)),
+            "dgan.source_classifier": str(source_head).lower(),
+            **status.get("mlflow_tags", {}),
+        }
     return Tracker(
         enabled=main,
         uri=config.log.tracking_uri,
@@ -532,21 +557,28 @@ def _fmt(value: float | None) -> str:
 
 
 def evaluate_inspector(
-    model_path: Path, data_root: Path, split: str = "test", batch_size: int = 64
+    model: str | Path,
+    data_root: Path,
+    split: str = "test",
+    batch_size: int = 64,
+    tracking_uri: str | None = None,
 ) -> InspectionReport:
-    """Score a saved inspector (its directory or its run directory) on one split of a dataset.
+    """Score a saved inspector on one split of a dataset.
 
+    `model` is any spec dgan.models.source.resolve_model takes: an inspector directory, its run
+    directory, a checkpoint, or an MLflow URI (models:/defect-inspector@champion, models:/m-...).
     The dataset must have the inspector's classes (by name; extra classes are ignored).
     """
     from dgan.data import SPLITS, open_dataset
     from dgan.data.inspector import LabelledImage
     from dgan.data.loader import select_classes
-    from dgan.models.inspector import load_inspector
+    from dgan.models.source import load_inspector_from, resolve_model
 
     if split not in SPLITS:
         raise DganError(f"--split {split!r}: choose one of {', '.join(SPLITS)}", exit_code=2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config, classes = load_inspector(model_path, device)
+    source = resolve_model(str(model), "inspector", tracking_uri=tracking_uri)
+    model, config, classes = load_inspector_from(source, device)
     index = open_dataset(data_root)
     columns = select_classes(index, classes)
     images = [
