@@ -321,7 +321,7 @@ def test_bad_input_gets_a_message_a_non_zero_exit_and_no_partial_set(trained, tm
         (["--n", "0"], "--n must be at least 1"),
         (["--n", "-5"], "--n must be at least 1"),
         (["--generator", "models:/no-such-model@champion", "--tracking-uri",
-          trained["tracking_uri"]], "does not resolve"),
+          trained["tracking_uri"]], "no registered model 'no-such-model'"),
         (["--generator", str(tmp_path / "nowhere")], "does not exist"),
         (["--classes", "crack,rust"], "the generator does not know rust"),
         (["--normals", str(empty)], "has no normal images"),
