@@ -100,6 +100,25 @@ class LogConfig(Section):
     checkpoint_every: int = Field(10_000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_model: bool = True  # log the final EMA generator to MLflow
+    # Iterations between evaluations of the EMA generator (see `eval`), at multiples of it; 0
+    # turns them off. Runs shorter than this never evaluate.
+    eval_every: int = Field(10_000, ge=0)
+
+
+class GanEvalConfig(Section):
+    """Periodic evaluation during training (dgan.evaluation): the same fixed inputs every time."""
+
+    # Synthesized images per evaluation, and real training defects they are compared with; FID
+    # and KID are comparable only at the same N. 1,000 keeps an evaluation to seconds on a GPU.
+    n: int = Field(1000, ge=2)
+    # A frozen inspector trained on real data (run dir, model dir or models:/NAME@alias): gives
+    # fid_inspector, kid_inspector and category-control accuracy. None: neither is computed.
+    inspector: str | None = None
+    # The standard Inception weights (dgan.metrics.features): gives fid and kid. None: the file
+    # named by $DGAN_INCEPTION_WEIGHTS, if any.
+    inception_weights: Path | None = None
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0  # which normals, labels, boxes and noise the evaluation uses
 
 
 class GanConfig(Section):
@@ -111,6 +130,7 @@ class GanConfig(Section):
     train: GanTrainConfig = GanTrainConfig()
     loss: GanLossConfig = GanLossConfig()
     log: LogConfig = LogConfig()
+    eval: GanEvalConfig = GanEvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> GanConfig:

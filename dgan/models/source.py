@@ -198,3 +198,29 @@ def load_generator_from(source: ModelSource, device: str = "cpu"):
     G, _ = build_gan(config, len(classes))
     G.load_state_dict(state["G_ema"] or state["G"])
     return G.to(device).eval(), config, classes
+
+
+def load_inspector_from(source: ModelSource, device: str = "cpu"):
+    """(inspector in eval mode, its InspectorConfig, its classes) from a directory or checkpoint."""
+    from dgan.models.inspector import load_inspector
+
+    if source.directory is not None:
+        return load_inspector(source.directory, device)
+    import yaml
+
+    from dgan.config import InspectorConfig
+    from dgan.models.inspector import build_inspector
+    from dgan.train.checkpoint import load_checkpoint
+
+    config_path = source.checkpoint.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise DganError(f"checkpoint {source.checkpoint} has no config.yaml two levels up")
+    state, _ = load_checkpoint(source.checkpoint)
+    if "model" not in state or "classes" not in state:
+        raise DganError(f"{source.checkpoint} is not an inspector checkpoint (no model weights)")
+    config = InspectorConfig.model_validate(yaml.safe_load(config_path.read_text()))
+    classes = list(state["classes"])
+    source_head = any(k.startswith("source_classifier.") for k in state["model"])
+    model = build_inspector(config, len(classes), source_head, load_pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, classes
