@@ -31,6 +31,8 @@ from dgan.inference import deface
 from dgan.metrics import synthesis
 from dgan.metrics.features import InceptionFeatures, InspectorFeatures, open_extractors
 from dgan.metrics.fid import (
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
     MIN_IMAGES,
     SMALL_SET_HINT,
     FeatureSet,
@@ -411,10 +413,15 @@ class FidReport:
             )
         lines = [f"{what}, at {self.image_size} px"]
         for d in self.distances:
-            label = "standard FID" if d.fid_name == "fid" else d.fid_name
+            what = "standard FID" if d.fid_name == "fid" else "Fréchet distance, not standard FID"
+            spread = (
+                f"± {d.kid_std:.6f} over {KID_SUBSETS} subsets of {KID_SUBSET_SIZE}"
+                if min(self.n_real, self.n_synthesized) > KID_SUBSET_SIZE
+                else f"one subset: the whole sets (N <= {KID_SUBSET_SIZE})"
+            )
             lines += [
-                f"  {d.fid_name:<15} {d.fid:12.4f}   {label}, features: {d.extractor}",
-                f"  {d.kid_name:<15} {d.kid:12.6f}   ± {d.kid_std:.6f} over KID subsets",
+                f"  {d.fid_name:<14} {d.fid:12.4f}  {what}; features: {d.extractor}",
+                f"  {d.kid_name:<14} {d.kid:12.6f}  KID on the same features, {spread}",
                 f"  reference statistics {'reused from' if d.reused else 'cached in'} "
                 f"{d.reference_cache}",
             ]
@@ -459,6 +466,12 @@ def evaluate_fid(
         inception_weights, inspector, [index.classes[c] for c in columns], device, tracking_uri,
         log=log,
     )  # fmt: skip
+    if image_size and gan_config and not split_real and image_size != gan_config.data.image_size:
+        raise DganError(
+            f"--image-size {image_size}: the generator draws {gan_config.data.image_size} px "
+            "images and the real ones are compared at that size; drop --image-size.",
+            exit_code=2,
+        )
     size = image_size or (
         gan_config.data.image_size if gan_config
         else judges.inspector.image_size if judges.inspector else DEFAULT_SIZE

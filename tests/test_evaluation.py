@@ -109,8 +109,13 @@ def test_frechet_distance_matches_the_hand_computed_value_for_diagonal_gaussians
     s1, s2 = torch.diag(torch.tensor([1.0, 4.0])), torch.diag(torch.tensor([4.0, 1.0]))
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(7.0, abs=1e-9)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    # On tiny features: a shifted copy has the same covariance, so only |shift|^2 = 1 + 4 remains.
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]])
+    a, b = FeatureSet.from_features(x), FeatureSet.from_features(x + torch.tensor([1.0, 2.0]))
+    assert frechet_distance(a.mean, a.cov, b.mean, b.cov) == pytest.approx(5.0, abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_frechet_distance_and_kid_agree_with_torchmetrics_on_random_features():
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -314,6 +319,8 @@ def test_eval_fid_split_real_compares_two_halves_without_a_model(trained, tmp_pa
         (["{gan}", "{data}", "--inspector", "{data}/nowhere"], "does not exist", 1),
         (["{gan}", "{data}", "--inspector", "{inspector}", "--split", "holdout"],
          "has no split 'holdout'", 2),
+        (["{gan}", "{data}", "--inspector", "{inspector}", "--image-size", "32"],
+         "drop --image-size", 2),
     ],
 )  # fmt: skip
 def test_eval_fid_bad_input_gets_a_message_and_exit_code_without_traceback(
