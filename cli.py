@@ -413,6 +413,116 @@ def eval_inspector(
         atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
 
 
+InspectorSpecOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--inspector",
+        help="Frozen inspector trained on real data: run dir, model dir or models:/NAME@alias.",
+    ),
+]
+SplitOpt = Annotated[str, typer.Option(help="Split whose normals and defects are used.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")]
+
+
+@eval_app.command("fid")
+@friendly
+def eval_fid(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[MODEL] DATA",
+            help="Generator (run dir, checkpoint, model dir or models:/ URI) and dataset root; "
+            "DATA alone with --split-real.",
+        ),
+    ],
+    n: Annotated[
+        int | None,
+        typer.Option(help="Images per set (default: every real defect of the split)."),
+    ] = None,
+    inspector: InspectorSpecOpt = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Standard Inception weights (weights-inception-2015-12-05-6726825d.pth); "
+            "default $DGAN_INCEPTION_WEIGHTS.",
+        ),
+    ] = None,
+    split_real: Annotated[
+        bool,
+        typer.Option(help="Distance between two random halves of the real defects (the floor)."),
+    ] = False,
+    split: SplitOpt = "train",
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Compare at this size (default: the generator's, else the inspector's)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path, typer.Option(help="Where reference statistics are cached (.npz).")
+    ] = Path("runs/.cache/fid"),
+    seed: Annotated[int, typer.Option(help="Same seed, same inputs, subsets and noise.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI for models:/ specs.")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """FID and KID between a generator's defects and real ones: standard FID with the Inception
+    weights, else fid_inspector/kid_inspector on a frozen inspector's features (and says which).
+
+    The generator defaces the split's normals with labels drawn from the dataset's label
+    distribution; --split-real instead compares two random halves of the real defects.
+
+    Example: dgan eval fid runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
+    """
+    from dgan.errors import DganError
+
+    if len(paths) not in (1, 2) or (len(paths) == 1 and not split_real):
+        raise DganError(
+            f"expected MODEL DATA (or DATA alone with --split-real), got {len(paths)} "
+            f"argument(s): {' '.join(paths)}",
+            exit_code=2,
+        )
+    from dgan.evaluation import evaluate_fid
+    from dgan.io import atomic_write_text
+
+    model, data = (None, paths[0]) if len(paths) == 1 else paths
+    report = evaluate_fid(
+        Path(data), model, n, split, inspector, inception_weights, split_real, seed, batch_size,
+        cache_dir, image_size, tracking_uri, log=typer.echo,
+    )  # fmt: skip
+    typer.echo(report.format())
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+@eval_app.command("synth")
+@friendly
+def eval_synth(
+    model: Annotated[str, typer.Argument(help="Generator: run dir, checkpoint or models:/ URI.")],
+    data: Annotated[Path, typer.Argument(help="Dataset root whose normals are defaced.")],
+    inspector: InspectorSpecOpt = None,
+    n: Annotated[
+        int | None, typer.Option(help="Inputs per split (default: up to 500 normals).")
+    ] = None,
+    split: SplitOpt = "train",
+    seed: Annotated[int, typer.Option(help="Same seed, same inputs, boxes and noise.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI for models:/ specs.")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Synthesis quality: category-control accuracy (with --inspector), background preservation,
+    spatial-control precision and diversity, on the split and on the held-out surface family
+    (split "transfer") when the dataset has one.
+
+    Example: dgan eval synth runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
+    """
+    from dgan.evaluation import evaluate_synthesis
+    from dgan.io import atomic_write_text
+
+    report = evaluate_synthesis(model, data, inspector, n, split, seed, batch_size, tracking_uri)
+    typer.echo(report.format())
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+
+
 @repro_app.command("table3")
 @friendly
 def repro_table3(

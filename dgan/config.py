@@ -112,6 +112,9 @@ class LogConfig(Section):
     # Move alias `champion` to the new version only when this metric improves on the champion's.
     promote_if_better: str | None = None
     promote_mode: Literal["min", "max"] | None = None  # None: from the metric's name
+    # Iterations between evaluations of the EMA generator (see `eval`), at multiples of it; 0
+    # turns them off. Runs shorter than this never evaluate.
+    eval_every: int = Field(10_000, ge=0)
 
     _empty_is_off = field_validator("registered_model", "promote_if_better", mode="before")(
         lambda v: v or None
@@ -143,6 +146,22 @@ def check_registry_keys(log: Any) -> Any:
     return log
 
 
+class GanEvalConfig(Section):
+    """Periodic evaluation during training (dgan.evaluation): the same fixed inputs every time."""
+
+    # Synthesized images per evaluation, and real training defects they are compared with; FID
+    # and KID are comparable only at the same N. 1,000 keeps an evaluation to seconds on a GPU.
+    n: int = Field(1000, ge=2)
+    # A frozen inspector trained on real data (run dir, model dir or models:/NAME@alias): gives
+    # fid_inspector, kid_inspector and category-control accuracy. None: neither is computed.
+    inspector: str | None = None
+    # The standard Inception weights (dgan.metrics.features): gives fid and kid. None: the file
+    # named by $DGAN_INCEPTION_WEIGHTS, if any.
+    inception_weights: Path | None = None
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0  # which normals, labels, boxes and noise the evaluation uses
+
+
 class GanConfig(Section):
     """Everything one `dgan train gan` run needs."""
 
@@ -152,6 +171,7 @@ class GanConfig(Section):
     train: GanTrainConfig = GanTrainConfig()
     loss: GanLossConfig = GanLossConfig()
     log: LogConfig = LogConfig()
+    eval: GanEvalConfig = GanEvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> GanConfig:

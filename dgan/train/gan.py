@@ -29,7 +29,7 @@ from dgan.train.interrupt import InterruptFlag
 from dgan.train.progress import Progress
 
 # Changing these keys between a checkpoint and a resume would change what the weights mean.
-COMPATIBLE_PREFIXES = ("log.", "train.iterations", "data.num_workers", "data.root")
+COMPATIBLE_PREFIXES = ("log.", "eval.", "train.iterations", "data.num_workers", "data.root")
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_total")
 G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
@@ -365,6 +365,7 @@ def train_gan(
         ckpt.write_status(run_dir, state="running", classes=classes, mlflow_run_id=tracker.run_id)
         (run_dir / "samples").mkdir(exist_ok=True)
     grid_inputs = _fixed_samples(stream, accelerator.device)
+    evaluator = _open_evaluator(config, classes, accelerator, start)
     progress = Progress(config.train.iterations, start, quiet=quiet) if main else None
     interrupt = InterruptFlag()
     sums: dict[str, Tensor] = {}
@@ -404,6 +405,8 @@ def train_gan(
                     progress.update(iteration, shown)
             if main and (iteration % log.sample_every == 0 or iteration == config.train.iterations):
                 _write_grid(nets, grid_inputs, classes, run_dir, iteration, tracker)
+            if evaluator is not None and iteration % log.eval_every == 0:
+                _evaluate(evaluator, nets, iteration, tracker, progress)
             if iteration % log.checkpoint_every == 0 or iteration == config.train.iterations:
                 _check_finite(first_bad)
                 _save(accelerator, nets, config, classes, run_dir, iteration)
@@ -508,6 +511,36 @@ def _write_grid(nets: Nets, inputs, classes, run_dir: Path, iteration: int, trac
     path = run_dir / "samples" / f"iter-{iteration:08d}.png"
     atomic_save_image(image, path)
     tracker.log_artifact(path, "samples")
+
+
+def evaluation_due(config: GanConfig, start: int) -> bool:
+    """Whether an evaluation falls in (start, iterations]: multiples of log.eval_every."""
+    every = config.log.eval_every
+    return every > 0 and config.train.iterations // every > start // every
+
+
+def _open_evaluator(config: GanConfig, classes: list[str], accelerator, start: int):
+    """The periodic evaluator on every process, or None when no evaluation falls in this run.
+
+    Its fixed inputs and the real references' statistics are prepared once, here."""
+    if not evaluation_due(config, start):
+        return None
+    from dgan.evaluation import TrainingEvaluator
+
+    return TrainingEvaluator(config, classes, accelerator)
+
+
+def _evaluate(evaluator, nets: Nets, iteration: int, tracker, progress) -> None:
+    """Evaluate the sampling generator on every process (sharded); log on the main one."""
+    metrics = evaluator(_sampling_generator(nets))
+    if tracker.enabled:
+        tracker.log_metrics(metrics, step=iteration)
+        shown = ("fid", "fid_inspector", "category_accuracy", "background_change",
+                 "spatial_precision", "diversity_l1")  # fmt: skip
+        line = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
+        if progress is not None and progress.live:
+            progress.close()
+        print(f"evaluation at iteration {iteration}: {line}", flush=True)
 
 
 def _open_tracker(config: GanConfig, run_dir: Path, status: dict, main: bool, index):

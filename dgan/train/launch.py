@@ -68,6 +68,13 @@ def prepare_run(
         from dgan.data.loader import select_classes
 
         select_classes(index, config.data.classes)
+    from dgan.train.gan import evaluation_due
+
+    start = ckpt.checkpoint_iteration(resume_path) if resume_path is not None else 0
+    if evaluation_due(config, start):
+        from dgan.evaluation import check_evaluation
+
+        check_evaluation(config, index)
     if resume_path is not None:
         return config, resume_path.parent.parent, resume_path
     run_dir = ckpt.new_run_dir(config.log.run_root, "gan", run_name)

@@ -1,0 +1,499 @@
+"""FID/KID under honest names, cached reference statistics, synthesis quality, `dgan eval fid`,
+`dgan eval synth`, and periodic evaluation during `dgan train gan`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_gan_config
+from fakes import fake_defect_labels, write_image
+from typer.testing import CliRunner
+
+from dgan.data import CODEBRIM_CLASSES, Sample
+from dgan.data.folder import write_labels
+from dgan.errors import DganError
+from dgan.metrics import synthesis
+from dgan.metrics.fid import (
+    FeatureSet,
+    cache_path,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    polynomial_mmd2,
+)
+
+TINY_INSPECTOR = [
+    "model.arch=small",
+    "data.image_size=16",
+    "data.num_workers=0",
+    "train.batch_size=4",
+    "train.epochs=1",
+    "log.log_model=false",
+]
+
+
+def make_dataset(root: Path, size: int = 32) -> Path:
+    """Train/val/test normals and defects, plus a held-out surface family in split transfer."""
+    samples = []
+    layout = {"train": (8, 8), "val": (2, 3), "test": (2, 3), "transfer": (4, 4)}
+    seed = 0
+    for split, (n_normal, n_defect) in layout.items():
+        for i in range(n_normal):
+            path = write_image(root / "normal" / f"{split}_{i:02d}.png", size, seed=seed)
+            samples.append(Sample(path, (0,) * 5, split, family=split))
+            seed += 1
+        for k in range(n_defect):
+            path = write_image(root / "defect" / f"{split}_{k:02d}.png", size, seed=seed)
+            samples.append(Sample(path, fake_defect_labels(k, 5), split, family=split))
+            seed += 1
+    write_labels(root, CODEBRIM_CLASSES, samples)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """A tiny generator and a tiny inspector trained on the same small set (seconds)."""
+    from dgan.config import load_config
+    from dgan.train.inspector import run_inspector
+    from dgan.train.launch import run_gan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    data = make_dataset(root / "data")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    common = [f"log.run_root={root / 'runs'}", f"log.tracking_uri={uri}"]
+    gan = run_gan(tiny_gan_config(data, "train.iterations=5", *common), quiet=True)
+    config = load_config("inspector", [], [*TINY_INSPECTOR, f"data.root={data}", *common])
+    inspector = run_inspector(config, quiet=True, check_data=False)
+    yield SimpleNamespace(root=root, data=data, uri=uri, gan=gan, inspector=inspector)
+    torch.set_num_threads(threads)
+
+
+def invoke(*args: str):
+    """Run the CLI in this process; returns click's result (exit_code, stdout, stderr)."""
+    import cli
+
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def clean_exit(result) -> bool:
+    """A handled exit: a message and an exit code, no traceback."""
+    return result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_feature_statistics_are_the_mean_and_unbiased_covariance():
+    features = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]])
+    mean, cov = feature_statistics(features)
+    assert torch.equal(mean, torch.zeros(2, dtype=torch.float64))
+    # Sums of squares 4 and 16 over N - 1 = 3; the two coordinates are uncorrelated.
+    torch.testing.assert_close(
+        cov, torch.tensor([[4 / 3, 0.0], [0.0, 16 / 3]], dtype=torch.float64)
+    )
+
+
+def test_frechet_distance_matches_the_hand_computed_value_for_diagonal_gaussians():
+    # |mu1 - mu2|^2 = 1 + 4; traces 5 + 5; sqrt(S1 S2) = diag(2, 2): 5 + 10 - 2 * 4 = 7.
+    mu1, mu2 = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])
+    s1, s2 = torch.diag(torch.tensor([1.0, 4.0])), torch.diag(torch.tensor([4.0, 1.0]))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(7.0, abs=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    # On tiny features: a shifted copy has the same covariance, so only |shift|^2 = 1 + 4 remains.
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]])
+    a, b = FeatureSet.from_features(x), FeatureSet.from_features(x + torch.tensor([1.0, 2.0]))
+    assert frechet_distance(a.mean, a.cov, b.mean, b.cov) == pytest.approx(5.0, abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_frechet_distance_and_kid_agree_with_torchmetrics_on_random_features():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, x):
+            return x
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    fake = torch.randn(40, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    fid = FrechetInceptionDistance(feature=Identity(), normalize=True)
+    kid = KernelInceptionDistance(feature=Identity(), subsets=1, subset_size=40, normalize=True)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    ours = FeatureSet.from_features(real), FeatureSet.from_features(fake)
+    mine = frechet_distance(ours[0].mean, ours[0].cov, ours[1].mean, ours[1].cov)
+    assert mine == pytest.approx(float(fid.compute()), rel=1e-6)
+    # One subset of all 40 is every pair: the MMD^2 of the whole sets, as ours.
+    assert kernel_inception_distance(real, fake)[0] == pytest.approx(
+        float(kid.compute()[0]), rel=1e-6
+    )
+
+
+def test_kid_matches_the_hand_computed_unbiased_mmd_on_two_points_per_set():
+    # d = 1, k(a, b) = (ab + 1)^3. xx: k(0,1) = 1; yy: k(1,2) = 27; xy: 1, 1, 8, 27 (mean 9.25).
+    # MMD^2 = 1 + 27 - 2 * 9.25 = 9.5.
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[1.0], [2.0]])
+    assert polynomial_mmd2(x, y) == pytest.approx(9.5)
+    assert kernel_inception_distance(x, y) == (pytest.approx(9.5), 0.0)
+
+
+def test_too_few_images_for_fid_or_kid_says_how_many_are_needed_and_given():
+    one = FeatureSet.from_features(torch.zeros(2, 3))
+    with pytest.raises(DganError, match="needs at least 2 images in each set, got 1"):
+        kernel_inception_distance(torch.zeros(1, 3), torch.zeros(5, 3))
+    with pytest.raises(DganError, match="needs at least 2 images, got 1"):
+        feature_statistics(torch.zeros(1, 3))
+    assert one.n == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics cache
+# ---------------------------------------------------------------------------------------------
+
+
+class MeanColour(torch.nn.Module):
+    """A cheap extractor with a name and a weights hash, as the real ones have."""
+
+    name, weights_hash, num_features = "mean-colour", "none", 3
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def test_reference_statistics_are_cached_atomically_and_reused_without_reading_images(tmp_path):
+    from dgan.evaluation import reference_features
+
+    files = [write_image(tmp_path / "real" / f"{i}.png", 16, seed=i) for i in range(6)]
+    cache = tmp_path / "cache"
+    first, path, reused = reference_features(files, MeanColour(), 16, cache, 4, "cpu")
+    assert not reused and path.parent == cache and path.suffix == ".npz"
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temp file left behind
+    stamp = path.stat().st_mtime_ns
+    for f in files:  # same sizes, unreadable content: recomputing would fail
+        f.write_bytes(b"\0" * f.stat().st_size)
+    second, again, reused = reference_features(files, MeanColour(), 16, cache, 4, "cpu")
+    assert reused and again == path and path.stat().st_mtime_ns == stamp
+    assert torch.equal(first.features, second.features) and torch.equal(first.cov, second.cov)
+    # The key follows the file list, sizes, extractor, weights and resolution.
+    assert cache_path(cache, files[:5], "mean-colour", "none", 16) != path
+    assert cache_path(cache, files, "mean-colour", "other", 16) != path
+    assert cache_path(cache, files, "mean-colour", "none", 32) != path
+    files[0].write_bytes(b"\0" * (files[0].stat().st_size + 1))
+    assert cache_path(cache, files, "mean-colour", "none", 16) != path
+
+
+# ---------------------------------------------------------------------------------------------
+# Extractors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inception_weights_with_a_wrong_checksum_or_missing_are_refused(tmp_path):
+    from dgan.metrics.features import INCEPTION_SHA256, InceptionFeatures
+
+    wrong = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    wrong.write_bytes(b"not the network")
+    with pytest.raises(DganError, match=f"expected {INCEPTION_SHA256}") as err:
+        InceptionFeatures(wrong)
+    assert hashlib.sha256(b"not the network").hexdigest() in str(err.value)
+    assert err.value.exit_code == 2
+    with pytest.raises(DganError, match="no such file"):
+        InceptionFeatures(tmp_path / "absent.pth")
+
+
+def test_standard_inception_path_runs_on_a_verified_file_of_the_same_layout(tmp_path):
+    """No real weights here: a randomly initialised Inception-v3 of the same layout, verified
+    against its own checksum, goes through the same code (bytes, weights-only check, 299 px)."""
+    from torchvision.models import inception_v3
+
+    from dgan.metrics.features import InceptionFeatures
+
+    state = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    path = tmp_path / "inception.pth"
+    torch.save(state.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    extractor = InceptionFeatures(path, expected_sha256=digest)
+    features = extractor(torch.rand(2, 3, 16, 16))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert extractor.metric_names == ("fid", "kid") and extractor.weights_hash == digest
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthesis figures
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthesis_figures_on_hand_made_images():
+    normals = -torch.ones(1, 3, 32, 32)
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[..., 8:16, 8:16] = 1.0
+    inside = normals.clone()
+    inside[..., 8:16, 8:16] = 1.0  # change 1.0 (in 0-1 units) only under m
+    assert synthesis.background_change(normals, inside, masks).item() == 0.0
+    assert synthesis.background_area(masks).item() == 1 - 10 * 10 / 1024  # 8x8 grown by 1 px
+    assert synthesis.background_change(normals, inside, torch.ones_like(masks)).isnan().all()
+    outside = inside.clone()
+    outside[..., 0, 0] = 1.0  # one pixel far from the (1-pixel dilated) mask changes fully
+    outside_area = 32 * 32 - 10 * 10
+    assert synthesis.background_change(normals, outside, masks).item() == pytest.approx(
+        1 / outside_area
+    )
+    assert synthesis.spatial_precision(normals, inside, masks).item() == 1.0
+    assert synthesis.spatial_precision(normals, outside, masks).item() == pytest.approx(64 / 65)
+    assert synthesis.pairwise_l1(inside, inside).item() == 0.0
+    assert synthesis.pairwise_l1(normals, inside).item() == pytest.approx(64 / 1024)
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.9], [0.2, 0.8]])
+    asked = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    figures = synthesis.category_control(probs, asked, ["crack", "stain"])
+    assert figures == {
+        "category_accuracy": pytest.approx(2 / 3),
+        "category_accuracy_crack": 1.0,
+        "category_accuracy_stain": 1.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# dgan eval fid / dgan eval synth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_fid_without_inception_weights_uses_the_inspector_and_says_so(
+    trained, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("DGAN_INCEPTION_WEIGHTS", raising=False)
+    out = tmp_path / "fid.json"
+    args = [str(trained.gan), str(trained.data), "--inspector", str(trained.inspector)]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    result = invoke("eval", "fid", *args, *cache, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "standard FID not computed" in result.output
+    assert "fid_inspector" in result.output and "kid_inspector" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == {"fid_inspector", "kid_inspector", "kid_inspector_std"}
+    assert "fid" not in report["metrics"]
+    assert report["n_real"] == report["n_synthesized"] == 8  # every real training defect
+    assert report["metrics"]["fid_inspector"] > 0
+    again = invoke("eval", "fid", *args, *cache, "--json", str(out))
+    assert "reused from" in again.output
+    assert json.loads(out.read_text())["metrics"] == report["metrics"]  # same inputs, same value
+
+
+def test_eval_fid_split_real_compares_two_halves_without_a_model(trained, tmp_path):
+    out = tmp_path / "floor.json"
+    cache = str(tmp_path / "cache")
+    result = invoke(
+        "eval", "fid", str(trained.data), "--split-real", "--inspector", str(trained.inspector),
+        "--cache-dir", cache, "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "two random halves" in result.output and "ideal defect synthesizer" in result.output
+    report = json.loads(out.read_text())
+    assert report["mode"] == "split-real" and report["n_real"] == report["n_synthesized"] == 4
+    assert report["image_size"] == 16  # the inspector's size when no generator fixes one
+    assert len(list(Path(cache).glob("*.npz"))) == 2  # both halves are cached
+
+
+@pytest.mark.parametrize(
+    "args,message,code",
+    [
+        (["{data}"], "expected MODEL DATA (or DATA alone with --split-real)", 2),
+        (["{gan}", "{data}"], "no feature extractor: give --inspector SPEC", 2),
+        (["{gan}", "{data}", "--inspector", "{inspector}", "--n", "50"],
+         "FID/KID at N=50 need 50 real defects in split 'train'", 1),
+        (["{data}", "--split-real", "--inspector", "{inspector}", "--n", "5"],
+         "--split-real at N=5 needs at least 10 real defects in split 'train'", 1),
+        (["{gan}", "{data}", "--inception-weights", "{bad_weights}"], "have SHA-256", 2),
+        (["{gan}", "{data}", "--inspector", "{data}/nowhere"], "does not exist", 1),
+        (["{gan}", "{data}", "--inspector", "{inspector}", "--split", "holdout"],
+         "has no split 'holdout'", 2),
+        (["{gan}", "{data}", "--inspector", "{inspector}", "--image-size", "32"],
+         "drop --image-size", 2),
+    ],
+)  # fmt: skip
+def test_eval_fid_bad_input_gets_a_message_and_exit_code_without_traceback(
+    trained, tmp_path, monkeypatch, args, message, code
+):
+    monkeypatch.delenv("DGAN_INCEPTION_WEIGHTS", raising=False)
+    bad_weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    bad_weights.write_bytes(b"\0" * 64)
+    names = {"data": trained.data, "gan": trained.gan, "inspector": trained.inspector}
+    filled = [a.format(**names, bad_weights=bad_weights) for a in args]
+    result = invoke("eval", "fid", *filled, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert clean_exit(result), result.exception
+
+
+def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family(trained, tmp_path):
+    out = tmp_path / "synth.json"
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--inspector", str(trained.inspector),
+        "--n", "6", "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "category-control accuracy" in result.output and "transfer (N=6)" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["figures"]) == {"train", "transfer"}
+    for figures in report["figures"].values():
+        assert 0 <= figures["category_accuracy"] <= 1
+        assert 0 <= figures["background_area"] <= 1  # m may cover everything after 5 iterations
+        assert (figures["background_change"] is None) == (figures["background_area"] == 0)
+        assert 0 <= figures["spatial_precision"] <= 1
+        assert 0 < figures["spatial_chance"] < 1
+        assert figures["diversity_l1"] >= 0
+    assert report["n"] == {"train": 6, "transfer": 6}
+
+
+def test_eval_synth_without_inspector_says_what_it_skips(trained):
+    result = invoke("eval", "synth", str(trained.gan), str(trained.data), "--n", "4")
+    assert result.exit_code == 0, result.output
+    assert "category-control accuracy needs --inspector" in result.output
+    assert "outside the dilated mask" in result.output and "diversity" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic evaluation during training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_evaluator_uses_the_same_inputs_every_time(trained):
+    from accelerate import Accelerator
+
+    from dgan.evaluation import TrainingEvaluator
+    from dgan.models.source import load_generator_from, resolve_model
+
+    G, gan_config, classes = load_generator_from(resolve_model(trained.gan, "gan"))
+    config = gan_config.model_copy(
+        update={
+            "eval": gan_config.eval.model_copy(
+                update={"n": 6, "inspector": str(trained.inspector)}
+            ),
+            "log": gan_config.log.model_copy(update={"run_root": trained.root / "runs"}),
+        }
+    )
+    evaluator = TrainingEvaluator(config, classes, Accelerator(cpu=True), log=lambda _: None)
+    first, second = evaluator(G), evaluator(G)
+    first.pop("eval_seconds"), second.pop("eval_seconds")
+    assert first == second
+    assert {"fid_inspector", "kid_inspector", "category_accuracy", "diversity_l1"} <= set(first)
+    assert "fid_inspector_transfer" in first and "background_area_transfer" in first
+
+
+def test_training_logs_evaluation_metrics_with_their_step_to_mlflow(trained):
+    import mlflow
+
+    from dgan.train import checkpoint as ckpt
+    from dgan.train.launch import run_gan
+
+    config = tiny_gan_config(
+        trained.data, "train.iterations=10", "log.eval_every=5", "eval.n=6",
+        f"eval.inspector={trained.inspector}", f"log.run_root={trained.root / 'runs'}",
+        f"log.tracking_uri={trained.uri}",
+    )  # fmt: skip
+    run_dir = run_gan(config, quiet=True)
+    client = mlflow.MlflowClient(trained.uri)
+    run_id = ckpt.read_status(run_dir)["mlflow_run_id"]
+    for name in (
+        "fid_inspector", "kid_inspector", "category_accuracy", "background_area",
+        "spatial_precision", "diversity_l1", "fid_inspector_transfer", "category_accuracy_transfer",
+    ):  # fmt: skip
+        history = client.get_metric_history(run_id, name)
+        assert [m.step for m in history] == [5, 10], name
+    assert not client.get_metric_history(run_id, "fid")  # no Inception weights, no plain fid
+
+
+def test_a_run_asking_for_an_unusable_evaluation_is_refused_before_it_starts(trained, tmp_path):
+    from dgan.train.launch import run_gan
+
+    runs = tmp_path / "runs"
+    config = tiny_gan_config(
+        trained.data, "train.iterations=10", "log.eval_every=5", "eval.n=50",
+        f"eval.inspector={trained.inspector}", f"log.run_root={runs}",
+    )  # fmt: skip
+    with pytest.raises(DganError, match="eval.n=50 needs 50 real training defects"):
+        run_gan(config, quiet=True)
+    assert not runs.exists() or not any(runs.rglob("status.json"))
+
+
+def test_inception_weights_named_by_the_environment_are_checked(trained, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"x")
+    monkeypatch.setenv("DGAN_INCEPTION_WEIGHTS", str(bad))
+    result = invoke("eval", "fid", str(trained.gan), str(trained.data))
+    assert result.exit_code == 2 and "have SHA-256" in result.output
+    assert os.environ["DGAN_INCEPTION_WEIGHTS"] == str(bad)
+
+
+SHARDED_EVALUATION = """
+import json, sys
+from accelerate import Accelerator
+from dgan.config import load_config
+from dgan.evaluation import TrainingEvaluator
+from dgan.models.export import load_generator
+
+accelerator = Accelerator(cpu=True)
+assert accelerator.num_processes == 2, accelerator.num_processes
+G, _, classes = load_generator(sys.argv[2])
+evaluator = TrainingEvaluator(load_config("gan", [sys.argv[1]]), classes, accelerator, print)
+metrics = evaluator(G)
+if accelerator.is_main_process:
+    print("METRICS " + json.dumps(metrics))
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_two_processes_equals_one_process(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+
+    from dgan.config import to_yaml
+    from dgan.evaluation import TrainingEvaluator
+    from dgan.models import build_gan
+    from dgan.models.export import save_generator
+    from dgan.train.launch import free_port
+
+    # Noise injection off, so that outputs do not depend on how images fall into batches.
+    config = tiny_gan_config(
+        trained.data, "generator.ani=false", "eval.n=7", f"eval.inspector={trained.inspector}",
+        f"log.run_root={tmp_path / 'two'}",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    G, _ = build_gan(config, len(CODEBRIM_CLASSES))
+    generator = save_generator(G.eval(), config, list(CODEBRIM_CLASSES), tmp_path / "generator")
+    (tmp_path / "config.yaml").write_text(to_yaml(config))
+    (tmp_path / "evaluate.py").write_text(SHARDED_EVALUATION)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env |= {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), str(tmp_path / "evaluate.py")]
+    result = subprocess.run(
+        [*cmd, str(tmp_path / "config.yaml"), str(generator)], env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "computed" in result.stdout  # the references were extracted by the two processes
+    line = next(x for x in result.stdout.splitlines() if x.startswith("METRICS "))
+    two = json.loads(line.removeprefix("METRICS "))
+    single = config.model_copy(
+        update={"log": config.log.model_copy(update={"run_root": tmp_path / "one"})}
+    )
+    one = TrainingEvaluator(single, list(CODEBRIM_CLASSES), Accelerator(cpu=True), print)(G)
+    one.pop("eval_seconds"), two.pop("eval_seconds")
+    assert two.keys() == one.keys() and "fid_inspector" in one and "fid_inspector_transfer" in one
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
