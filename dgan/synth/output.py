@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dgan.data import image_files
 from dgan.errors import DganError
 from dgan.io import atomic_write_bytes, atomic_write_text
 
@@ -115,7 +114,7 @@ class SynthOutput:
         """Check that every image is there, then write manifest.csv, labels.csv and the state."""
         subdirs = ("defect", "masks", "normal") if restored else ("defect", "masks")
         for sub in subdirs:
-            found = len(image_files(self.root / sub))
+            found = count_images(self.root / sub)
             if found != n:
                 raise DganError(
                     f"{self.root / sub} has {found} images, expected {n}; the set is incomplete. "
@@ -156,6 +155,16 @@ class SynthOutput:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def count_images(directory: Path) -> int:
+    """Finished images in `directory` (temp files excluded), without listing them in memory."""
+    with os.scandir(directory) as entries:
+        return sum(
+            1
+            for e in entries
+            if e.name.endswith(".png") and not e.name.startswith(".") and e.is_file()
+        )
 
 
 def write_png(array, path: Path) -> None:

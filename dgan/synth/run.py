@@ -261,11 +261,20 @@ class SynthItems(Dataset):
         }
 
 
-def _batches(chunks: list[int], n: int, batch_size: int):
-    for chunk in chunks:
-        indices = chunk_range(chunk, n)
-        for start in range(indices.start, indices.stop, batch_size):
-            yield list(range(start, min(start + batch_size, indices.stop)))
+class _Batches:
+    """Batches of indices within each chunk, generated lazily (memory does not grow with n)."""
+
+    def __init__(self, chunks: list[int], n: int, batch_size: int) -> None:
+        self.chunks, self.n, self.batch_size = chunks, n, batch_size
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            indices = chunk_range(chunk, self.n)
+            for start in range(indices.start, indices.stop, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, indices.stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-len(chunk_range(c, self.n)) // self.batch_size) for c in self.chunks)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -303,7 +312,7 @@ class Pipeline:
         job = self.job
         loader = DataLoader(
             SynthItems(job),
-            batch_sampler=list(_batches(chunks, job.n, job.config.batch_size)),
+            batch_sampler=_Batches(chunks, job.n, job.config.batch_size),
             num_workers=job.config.num_workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if job.config.num_workers > 0 else None,
