@@ -24,6 +24,14 @@ TINY_GAN = [
     "log.log_model=false",  # logging an MLflow model costs ~5 s; one test turns it on
 ]
 
+TINY_INSPECTOR = [
+    "model.arch=small",
+    "data.image_size=16",
+    "data.num_workers=0",
+    "train.batch_size=4",
+    "log.log_every=2",
+]
+
 
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:

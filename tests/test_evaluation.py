@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_gan_config
+from conftest import TINY_INSPECTOR, tiny_gan_config
 from fakes import fake_defect_labels, write_image
 from typer.testing import CliRunner
 
@@ -28,14 +28,7 @@ from dgan.metrics.fid import (
     polynomial_mmd2,
 )
 
-TINY_INSPECTOR = [
-    "model.arch=small",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "train.batch_size=4",
-    "train.epochs=1",
-    "log.log_model=false",
-]
+TINY_INSPECTOR_RUN = [*TINY_INSPECTOR, "train.epochs=1", "log.log_model=false"]
 
 
 def make_dataset(root: Path, size: int = 32) -> Path:
@@ -70,7 +63,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = [f"log.run_root={root / 'runs'}", f"log.tracking_uri={uri}"]
     gan = run_gan(tiny_gan_config(data, "train.iterations=5", *common), quiet=True)
-    config = load_config("inspector", [], [*TINY_INSPECTOR, f"data.root={data}", *common])
+    config = load_config("inspector", [], [*TINY_INSPECTOR_RUN, f"data.root={data}", *common])
     inspector = run_inspector(config, quiet=True, check_data=False)
     yield SimpleNamespace(root=root, data=data, uri=uri, gan=gan, inspector=inspector)
     torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_INSPECTOR
 from fakes import make_folder_dataset
 from safetensors.torch import load_file
 
@@ -18,13 +19,9 @@ from dgan.train import checkpoint as ckpt
 from dgan.train.inspector import evaluate_inspector, run_inspector
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_INSPECTOR = [
-    "model.arch=small",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "train.batch_size=4",
+TINY_INSPECTOR_RUN = [
+    *TINY_INSPECTOR,
     "train.epochs=2",
-    "log.log_every=2",
     "log.log_model=false",  # logging the MLflow model costs ~5 s; one test turns it on
 ]
 
@@ -44,7 +41,7 @@ def tiny_config(root: Path, tracking_uri: str, *extra: str):
     return load_config(
         "inspector",
         [],
-        [*TINY_INSPECTOR, f"data.root={root}", f"log.tracking_uri={tracking_uri}", *extra],
+        [*TINY_INSPECTOR_RUN, f"data.root={root}", f"log.tracking_uri={tracking_uri}", *extra],
     )
 
 

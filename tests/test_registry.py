@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY_GAN, tiny_gan_config
+from conftest import TINY_GAN, TINY_INSPECTOR, tiny_gan_config
 from typer.testing import CliRunner
 
 from dgan.config import load_config
@@ -25,13 +25,6 @@ from dgan.models import registry
 from dgan.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_INSPECTOR = [
-    "model.arch=small",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "train.batch_size=4",
-    "log.log_every=2",
-]
 
 
 @pytest.fixture(scope="module")
