@@ -54,6 +54,9 @@ class DiscriminatorConfig(Section):
     # Beyond the paper: a second PatchGAN D_src head after this many stride-2 layers (at 32 px,
     # 2 gives an 8x8 map of 18 px patches), summed into the WGAN loss. None: the paper's one head.
     fine_src_layer: int | None = Field(None, ge=1, le=7)
+    # Beyond the paper: class-conditional D_src by projection (Miyato and Koyama 2018). The
+    # paper's D judges realism without the label and the class with D_cls alone.
+    projection: bool = False
 
 
 class GanDataConfig(Section):

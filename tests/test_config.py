@@ -104,3 +104,7 @@ def test_fine_source_head_is_off_in_the_paper_preset_and_bounded_by_ds_depth():
     assert load_config("gan", ["demo"], ["discriminator.fine_src_layer=3"])
     with pytest.raises(DganError, match=r"fine_src_layer=4 must be below D's depth \(4"):
         load_config("gan", ["demo"], ["discriminator.fine_src_layer=4"])
+
+
+def test_projection_discriminator_is_off_in_the_paper_preset():
+    assert load_config("gan", ["paper"], []).discriminator.projection is False

@@ -153,3 +153,21 @@ def test_fine_blocks_work_at_full_resolution_under_the_control_map_with_their_ow
 
 def test_without_fine_blocks_generator_is_the_papers():
     assert not any(k.startswith("fine.") for k in tiny().state_dict())
+
+
+def test_projection_discriminator_adds_label_embedding_times_features_to_each_patch():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, projection=True)
+    x = torch.randn(2, 3, 32, 32)
+    crack, spall = torch.eye(C)[[0, 0]], torch.eye(C)[[1, 1]]
+    src_crack, cls_crack = D(x, crack)
+    src_spall, cls_spall = D(x, spall)
+    src_normal, _ = D(x, torch.zeros(2, C))
+    h = D.main(x)
+    torch.testing.assert_close(src_normal, D.src(h))  # label 0 ("normal"): the plain head
+    expected = (D.embed.weight[:, 0][None, :, None, None] * h).sum(1, keepdim=True)
+    torch.testing.assert_close(src_crack - src_normal, expected)
+    assert not torch.allclose(src_crack, src_spall)  # the realism score depends on the class
+    torch.testing.assert_close(cls_crack, cls_spall)  # D_cls does not see the label
+    with pytest.raises(ValueError, match="needs the images' labels"):
+        D(x)

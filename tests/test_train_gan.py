@@ -209,3 +209,14 @@ def test_fine_source_head_trains_and_its_weights_reach_the_checkpoint(tiny_folde
 
     _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
     assert not torch.equal(trained["D.fine_src.weight"], D0.state_dict()["fine_src.weight"])
+
+
+def test_projection_discriminator_trains_its_label_embedding(tiny_folder, workdir):
+    config = tiny_gan_config(tiny_folder, "train.iterations=5", "discriminator.projection=true")
+    run_dir = run_gan(config, quiet=True)
+    trained = weights(ckpt.list_checkpoints(run_dir)[-1])
+    torch.manual_seed(config.train.seed)
+    from dgan.models import build_gan
+
+    _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
+    assert not torch.equal(trained["D.embed.weight"], D0.state_dict()["embed.weight"])

@@ -34,5 +34,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         d.n_layers,
         d.max_dim,
         fine_src_layer=d.fine_src_layer,
+        projection=d.projection,
     )
     return generator, discriminator
