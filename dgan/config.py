@@ -43,6 +43,9 @@ class GeneratorConfig(Section):
     repeat_num: int = Field(6, ge=0, le=16)  # StarGAN residual blocks in the bottleneck
     spade_hidden: int = Field(128, ge=4, le=1024)  # SPADE (Park et al. 2019) hidden width
     upsample: Literal["transpose", "nearest"] = "transpose"  # StarGAN: 4x4 transposed convs
+    # Beyond the paper: residual blocks at full resolution after the last upsampling (SPADE when
+    # scc is on). 0 is the paper's decoder: one conv at full resolution before the heads.
+    fine_blocks: int = Field(0, ge=0, le=8)
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -55,6 +58,12 @@ class DiscriminatorConfig(Section):
     # Stride-2 layers; None derives it from the image size so the last map is 2x2.
     n_layers: int | None = Field(None, ge=2, le=8)
     max_dim: int = Field(2048, ge=8)  # channel cap; StarGAN's D grows to 2048 at 128 px
+    # Beyond the paper: a second PatchGAN D_src head after this many stride-2 layers (at 32 px,
+    # 2 gives an 8x8 map of 18 px patches), summed into the WGAN loss. None: the paper's one head.
+    fine_src_layer: int | None = Field(None, ge=1, le=7)
+    # Beyond the paper: class-conditional D_src by projection (Miyato and Koyama 2018). The
+    # paper's D judges realism without the label and the class with D_cls alone.
+    projection: bool = False
 
 
 class GanDataConfig(Section):
@@ -194,6 +203,13 @@ class GanConfig(Section):
             raise ValueError(
                 f"discriminator.n_layers={self.discriminator.n_layers} halves "
                 f"data.image_size={size} below 1 pixel; use at most {size.bit_length() - 1}"
+            )
+        depth = self.discriminator.n_layers or max(1, size.bit_length() - 2)  # as D derives it
+        fine = self.discriminator.fine_src_layer
+        if fine is not None and fine >= depth:
+            raise ValueError(
+                f"discriminator.fine_src_layer={fine} must be below D's depth ({depth} stride-2 "
+                f"layers at {size} px) to read an earlier, finer map; use 1..{depth - 1} or null"
             )
         if self.train.batch_size % 2:
             raise ValueError(

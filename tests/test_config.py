@@ -97,3 +97,14 @@ def test_resolved_config_round_trips_through_yaml_and_hash_ignores_logging(tmp_p
     other = load_config("gan", ["demo"], ["train.seed=3", "log.log_every=7"])
     assert config_hash(c, ("log.",)) == config_hash(other, ("log.",)) != config_hash(other)
     assert flatten(c)["train.seed"] == 3
+
+
+def test_fine_source_head_is_off_in_the_paper_preset_and_bounded_by_ds_depth():
+    assert load_config("gan", ["paper"], []).discriminator.fine_src_layer is None
+    assert load_config("gan", ["demo"], ["discriminator.fine_src_layer=3"])
+    with pytest.raises(DganError, match=r"fine_src_layer=4 must be below D's depth \(4"):
+        load_config("gan", ["demo"], ["discriminator.fine_src_layer=4"])
+
+
+def test_projection_discriminator_is_off_in_the_paper_preset():
+    assert load_config("gan", ["paper"], []).discriminator.projection is False

@@ -108,3 +108,66 @@ def test_training_target_region_is_the_flagged_box_or_the_whole_image():
     expected[4:6, 2:6] = 1  # y from 0.5 for 0.25 of 8 rows, x from 0.25 for 0.5 of 8 columns
     assert torch.equal(where[0, 0], expected)
     assert torch.equal(where[1, 0], torch.ones(8, 8))  # not flagged: the paper's constant A
+
+
+def test_fine_source_head_adds_its_mean_to_the_wgan_critic_and_keeps_the_patch_map_shape():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1)
+    x = torch.randn(2, 3, 32, 32)
+    src, cls = D(x)
+    assert src.shape == (2, 1, 2, 2) and cls.shape == (2, C)  # the trainer's losses are unchanged
+    early = D.main[:2](x)  # after the first stride-2 layer: a 16x16 map
+    coarse = D.src(D.main[2:](early))
+    fine = D.fine_src(early)
+    assert fine.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(src.mean((1, 2, 3)), coarse.mean((1, 2, 3)) + fine.mean((1, 2, 3)))
+
+
+def test_fine_source_head_scores_each_small_patch_on_its_own():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    early = D.main[:2](x)
+    D.fine_src(early)[0, 0, 0, 0].backward()  # one top-left patch logit
+    touched = x.grad.abs().sum((0, 1)) > 0
+    # 4x4 stride-2 conv then a 3x3 head: an 8 px receptive field, not the whole image.
+    assert touched[:8, :8].any() and not touched[8:].any() and not touched[:, 8:].any()
+
+
+def test_without_fine_source_head_discriminator_is_the_papers():
+    D = Discriminator(32, C, conv_dim=4, max_dim=16)
+    assert D.fine_src is None
+    assert "fine_src.weight" not in D.state_dict()
+
+
+def test_fine_blocks_work_at_full_resolution_under_the_control_map_with_their_own_noise():
+    G = tiny(fine_blocks=2)
+    assert len(G.fine) == 2 and len(G.noise) == len(tiny().noise) + 2
+    assert all(block.norm1.spade is not None for block in G.fine)  # SPADE: A steers them too
+    seen = []
+    G.fine[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    out = G(torch.zeros(2, 3, 16, 16), torch.zeros(2, C, 16, 16))
+    assert seen == [(2, 8, 16, 16)]  # conv_dim channels at the image's resolution
+    assert out.image.shape == (2, 3, 16, 16)
+
+
+def test_without_fine_blocks_generator_is_the_papers():
+    assert not any(k.startswith("fine.") for k in tiny().state_dict())
+
+
+def test_projection_discriminator_adds_label_embedding_times_features_to_each_patch():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, projection=True)
+    x = torch.randn(2, 3, 32, 32)
+    crack, spall = torch.eye(C)[[0, 0]], torch.eye(C)[[1, 1]]
+    src_crack, cls_crack = D(x, crack)
+    src_spall, cls_spall = D(x, spall)
+    src_normal, _ = D(x, torch.zeros(2, C))
+    h = D.main(x)
+    torch.testing.assert_close(src_normal, D.src(h))  # label 0 ("normal"): the plain head
+    expected = (D.embed.weight[:, 0][None, :, None, None] * h).sum(1, keepdim=True)
+    torch.testing.assert_close(src_crack - src_normal, expected)
+    assert not torch.allclose(src_crack, src_spall)  # the realism score depends on the class
+    torch.testing.assert_close(cls_crack, cls_spall)  # D_cls does not see the label
+    with pytest.raises(ValueError, match="needs the images' labels"):
+        D(x)

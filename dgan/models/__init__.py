@@ -25,8 +25,15 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         ani=g.ani,
         lwc=g.lwc,
         upsample=g.upsample,
+        fine_blocks=g.fine_blocks,
     )
     discriminator = Discriminator(
-        config.data.image_size, num_classes, d.conv_dim, d.n_layers, d.max_dim
+        config.data.image_size,
+        num_classes,
+        d.conv_dim,
+        d.n_layers,
+        d.max_dim,
+        fine_src_layer=d.fine_src_layer,
+        projection=d.projection,
     )
     return generator, discriminator

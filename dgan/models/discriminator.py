@@ -1,7 +1,10 @@
 """Defect-GAN's discriminator D (Sec. 3.1): StarGAN's, a PatchGAN D_src and a multi-label D_cls.
 
 The depth follows the image size so that the last feature map is 2x2 (StarGAN at 128 px uses six
-stride-2 layers); a fixed depth breaks at other sizes.
+stride-2 layers); a fixed depth breaks at other sizes. Beyond the paper, a second PatchGAN head can
+read an early, high-resolution feature map, so that D judges small patches (a thin crack) and not
+only the whole image. Another switch makes D_src class-conditional by projection (Miyato and
+Koyama 2018), so that D judges "is this a real crack" and not only "is this a real image".
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ def default_depth(image_size: int) -> int:
 
 
 class Discriminator(nn.Module):
-    """D(x) -> (D_src patch logits (B, 1, h, w), D_cls logits (B, C))."""
+    """D(x, labels) -> (D_src patch logits (B, 1, h, w), D_cls logits (B, C)).
+
+    With `fine_src_layer` k, a second D_src head reads the features after the k-th stride-2 layer
+    (image_size / 2^k on a side). Its patch map is average-pooled onto the last one and added, so
+    that the mean of D_src is the sum of both heads' means: the WGAN loss sums the two critics.
+    With `projection`, each patch logit adds <W y, h> for the multi-hot labels y (B, C) of the
+    images (their own for real ones, the asked ones for fakes); `labels` is then required.
+    """
 
     def __init__(
         self,
@@ -26,6 +36,8 @@ class Discriminator(nn.Module):
         conv_dim: int = 64,
         n_layers: int | None = None,
         max_dim: int = 2048,
+        fine_src_layer: int | None = None,
+        projection: bool = False,
     ) -> None:
         super().__init__()
         n_layers = n_layers or default_depth(image_size)
@@ -38,7 +50,27 @@ class Discriminator(nn.Module):
         final = image_size >> n_layers
         self.src = nn.Conv2d(in_ch, 1, 3, padding=1, bias=False)  # PatchGAN head
         self.cls = nn.Conv2d(in_ch, num_classes, final, bias=False)  # one logit per category
+        self.embed = nn.Linear(num_classes, in_ch, bias=False) if projection else None
+        self.fine_src_layer = fine_src_layer
+        self.fine_src = None
+        if fine_src_layer is not None:
+            if not 1 <= fine_src_layer < n_layers:
+                raise ValueError(f"fine_src_layer must be in 1..{n_layers - 1}: {fine_src_layer}")
+            fine_ch = min(conv_dim << (fine_src_layer - 1), max_dim)
+            self.fine_src = nn.Conv2d(fine_ch, 1, 3, padding=1, bias=False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.main(x)
-        return self.src(h), self.cls(h).flatten(1)
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.fine_src is None:
+            h = self.main(x)
+            src = self.src(h)
+        else:
+            split = 2 * self.fine_src_layer  # each layer is a conv and a LeakyReLU
+            early = self.main[:split](x)
+            h = self.main[split:](early)
+            src = self.src(h)
+            src = src + nn.functional.adaptive_avg_pool2d(self.fine_src(early), src.shape[2:])
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("a projection discriminator needs the images' labels")
+            src = src + (self.embed(labels.to(h.dtype))[:, :, None, None] * h).sum(1, keepdim=True)
+        return src, self.cls(h).flatten(1)

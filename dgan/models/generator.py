@@ -130,6 +130,7 @@ class Generator(nn.Module):
         ani: bool = True,
         lwc: bool = True,
         upsample: str = "transpose",
+        fine_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
@@ -154,7 +155,12 @@ class Generator(nn.Module):
         )
         self.up = nn.ModuleList(upsample_conv(4 * d >> i, 2 * d >> i, upsample) for i in range(2))
         self.up_norm = nn.ModuleList(Norm(2 * d >> i, c, spade_hidden, scc) for i in range(2))
-        n_noise = len(self.encoder) + repeat_num + len(self.up)
+        # Beyond the paper: residual blocks at full resolution, under A's control, so that G has
+        # more than one conv to draw structures a pixel or two wide (a crack) before its heads.
+        self.fine = nn.ModuleList(
+            ResidualBlock(d, c, spade_hidden, spade=scc) for _ in range(fine_blocks)
+        )
+        n_noise = len(self.encoder) + repeat_num + len(self.up) + fine_blocks
         self.noise = nn.ModuleList(NoiseInjection() for _ in range(n_noise if ani else 0))
         self.to_foreground = nn.Conv2d(d, 3, 7, padding=3)
         self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
@@ -174,6 +180,8 @@ class Generator(nn.Module):
             h = inject(block(h, control_map))
         for up, norm in zip(self.up, self.up_norm, strict=True):
             h = inject(torch.relu(norm(up(h), control_map)))
+        for block in self.fine:
+            h = inject(block(h, control_map))
         foreground = torch.tanh(self.to_foreground(h))
         if self.to_mask is None:
             return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)

@@ -91,7 +91,13 @@ def d_step(
     fake_images = fake.image  # [d' from n | n' from d]
     alpha = torch.cat([batch["alpha"][:, 0], batch["alpha"][:, 1]])
     x_hat = losses.interpolate(real, fake_images, alpha).requires_grad_(True)
-    src, cls = nets.D(torch.cat([real, fake_images, x_hat]))
+    # Labels of what each image shows, for a projection D: real ones their own, fakes the asked.
+    real_labels = torch.cat([batch["defect_labels"], zeros])
+    fake_labels = torch.cat([batch["target_labels"], zeros])
+    hat_labels = torch.lerp(fake_labels, real_labels, alpha[:, None].to(real_labels.dtype))
+    src, cls = nets.D(
+        torch.cat([real, fake_images, x_hat]), torch.cat([real_labels, fake_labels, hat_labels])
+    )
     src_real, src_fake, src_hat = src.float().chunk(3)
     out_hat = src_hat.sum()
     if nets.inv_scale is not None:  # fp16: take the penalty's gradient on the scaled output
@@ -103,9 +109,7 @@ def d_step(
         "d_adv": losses.adversarial_loss_d(src_real, src_fake),
         "d_gp": losses.gradient_penalty(grad.float()),
         # Real defects carry their labels; real normals are labelled "no defect".
-        "d_cls_r": losses.classification_loss(
-            cls[: 2 * b].float(), torch.cat([batch["defect_labels"], zeros])
-        ),
+        "d_cls_r": losses.classification_loss(cls[: 2 * b].float(), real_labels),
     }
     lw = config.loss
     terms["d_total"] = (
@@ -130,7 +134,7 @@ def g_step(
     second = translate(nets.G, first.image, torch.cat([zeros, c_real]))  # [n^ | d^]
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
-    src, cls = nets.D_raw(first.image)
+    src, cls = nets.D_raw(first.image, torch.cat([c_target, zeros]))
     for p in nets.D_raw.parameters():
         p.requires_grad_(True)
     lw, use_sc = config.loss, config.generator.sc
