@@ -635,6 +635,10 @@ def synth(
 
     Example: dgan synth --n 50000 --generator models:/defect-gan@champion --region random-box
     """
+    # OpenMP threads that sleep when idle instead of spinning leave the cores to the loader and
+    # PNG writers: on 2 CPU cores end-to-end synthesis went from 0.79-0.86 to 0.88-0.90 of the
+    # bare generator rate. Set before torch is imported; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dgan.errors import DganError
 
     if n is not None and n < 1:

@@ -25,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `dgan synth` sets it, before torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 
 from dgan.config import load_config
