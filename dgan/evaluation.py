@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dgan.data import DatasetIndex, Sample, open_dataset
-from dgan.data.loader import load_image, select_classes, to_unit_range
+from dgan.data.loader import BOX_SIDE, load_image, select_classes, to_unit_range
 from dgan.errors import DganError
 from dgan.inference import deface
 from dgan.metrics import synthesis
@@ -45,7 +45,6 @@ from dgan.metrics.fid import (
 DEFAULT_CACHE = Path("runs/.cache/fid")  # reference statistics; training uses RUN_ROOT/.cache/fid
 DEFAULT_SIZE = 128  # Sec. 4.1, when neither a generator nor an inspector fixes the image size
 SYNTH_DEFAULT_N = 500  # enough inputs for the synthesis figures' means
-BOX_SIDE = (0.35, 0.75)  # random box sides, as a share of the image side (as in training)
 Log = Callable[[str], None]
 
 

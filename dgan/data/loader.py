@@ -21,6 +21,9 @@ from dgan.data import DatasetIndex, Sample
 from dgan.errors import DganError
 
 _NORMAL, _DEFECT, _TARGET, _AUGMENT = range(4)  # independent random streams
+# Sides of a random target region, as shares of the image side: training, synthesis and
+# evaluation all draw their boxes from this range.
+BOX_SIDE = (0.35, 0.75)
 
 
 def select_classes(index: DatasetIndex, classes: Sequence[str] | None) -> list[int]:
@@ -88,7 +91,8 @@ class UnpairedStream(Dataset):
         # A random box (x0, y0, w, h as fractions) for the defacement target, used with
         # probability region_prob; the first value flags its use.
         use, bw, bh, u, v = rng.random(5)
-        bw, bh = 0.35 + 0.4 * bw, 0.35 + 0.4 * bh
+        lo, hi = BOX_SIDE
+        bw, bh = lo + (hi - lo) * bw, lo + (hi - lo) * bh
         box = [float(use < self.region_prob), u * (1 - bw), v * (1 - bh), bw, bh]
         normal = load_image(
             self.normals[self._pick(_NORMAL, position, len(self.normals))], self.image_size

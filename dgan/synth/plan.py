@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dgan.data import image_files
+from dgan.data.loader import BOX_SIDE
 from dgan.errors import DganError
 
 _NORMAL, _LABEL, _REGION, _DEFACE, _RESTORE = range(5)  # independent random streams
@@ -64,7 +65,8 @@ class Labels:
 def random_box(rng: np.random.Generator, size: int) -> Box:
     """A box covering 35-75% of each side, as the random target regions of training."""
     bw, bh, u, v = rng.random(4)
-    w, h = round((0.35 + 0.4 * bw) * size), round((0.35 + 0.4 * bh) * size)
+    lo, hi = BOX_SIDE
+    w, h = round((lo + (hi - lo) * bw) * size), round((lo + (hi - lo) * bh) * size)
     x0, y0 = int(u * (size - w)), int(v * (size - h))
     return (x0, y0, x0 + w, y0 + h)
 

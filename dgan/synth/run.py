@@ -287,10 +287,10 @@ def _mask_uint8(masks: torch.Tensor) -> np.ndarray:
     return masks.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
 
 
-def _region_text(item) -> str:
+def _region_text(item, masks: list[Path]) -> str:
     if item.boxes is not None:
         return "boxes:" + ";".join(",".join(map(str, b)) for b in item.boxes)
-    return "full" if item.mask is None else "mask"
+    return "full" if item.mask is None else f"mask:{masks[item.mask]}"
 
 
 class Pipeline:
@@ -387,7 +387,7 @@ class Pipeline:
             f"normal/{name}" if job.config.restored else "",
             str(job.normals[item.normal]),
             "+".join(c for c, v in zip(job.classes, item.labels, strict=True) if v),
-            _region_text(item) if item.mask is None else f"mask:{job.masks[item.mask]}",
+            _region_text(item, job.masks),
             item.deface_seed,
             item.restore_seed,
             job.generator_uri,
