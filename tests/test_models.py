@@ -5,7 +5,7 @@ import torch
 
 from dgan.errors import DganError
 from dgan.inference import deface, region_mask, restore
-from dgan.models.discriminator import Discriminator, default_depth
+from dgan.models.discriminator import Discriminator, DownConv, default_depth
 from dgan.models.generator import SPADE, Generator, NoiseInjection, compose
 
 C = 5
@@ -171,3 +171,22 @@ def test_projection_discriminator_adds_label_embedding_times_features_to_each_pa
     torch.testing.assert_close(cls_crack, cls_spall)  # D_cls does not see the label
     with pytest.raises(ValueError, match="needs the images' labels"):
         D(x)
+
+
+@pytest.mark.parametrize("side", [2, 3, 4, 8, 9])
+def test_down_conv_equals_conv2d_through_the_double_backward(side):
+    # D's deep layers run as im2col matrix products on the CPU; WGAN-GP differentiates through
+    # their input gradient, so the output, the gradient and the gradient of the gradient must
+    # all be those of the plain convolution (side 9 takes the convolution path itself).
+    torch.manual_seed(0)
+    conv = DownConv(6, 10)
+    x = torch.randn(3, 6, side, side, requires_grad=True)
+    ours = conv(x)
+    plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x, create_graph=True)
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g_ours, g_plain, rtol=1e-5, atol=1e-5)
+    (w_ours,) = torch.autograd.grad(g_ours.square().sum(), conv.weight)
+    (w_plain,) = torch.autograd.grad(g_plain.square().sum(), conv.weight)
+    torch.testing.assert_close(w_ours, w_plain, rtol=1e-4, atol=1e-4)

@@ -220,3 +220,38 @@ def test_projection_discriminator_trains_its_label_embedding(tiny_folder, workdi
 
     _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
     assert not torch.equal(trained["D.embed.weight"], D0.state_dict()["embed.weight"])
+
+
+def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_folder):
+    # The training loop runs G's first pass once on G's iterations and hands it to both steps;
+    # that must be the very update of running it inside each step (noise off, same batch).
+    from dgan.data.loader import gan_loader
+    from dgan.train.gan import (
+        _to_device,
+        build_nets,
+        d_step,
+        first_pass,
+        g_step,
+        load_training_data,
+        make_accelerator,
+    )
+
+    config = tiny_gan_config(tiny_folder, "generator.ani=false")
+    accelerator = make_accelerator(config, None)
+    _, classes, stream = load_training_data(config)
+    batch = _to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    initial = build_nets(config, len(classes), accelerator).G_raw.to_foreground.weight.clone()
+    results = []
+    for shared in (False, True):
+        nets = build_nets(config, len(classes), accelerator)
+        first = first_pass(nets, batch) if shared else None
+        terms = d_step(nets, batch, config, accelerator, first)
+        terms |= g_step(nets, batch, config, accelerator, first)
+        results.append((terms, nets.G_raw.state_dict(), nets.D_raw.state_dict()))
+    (terms_a, g_a, d_a), (terms_b, g_b, d_b) = results
+    assert not torch.equal(g_a["to_foreground.weight"], initial)  # G was updated
+    for key in ("d_total", "g_total", "g_rec"):
+        torch.testing.assert_close(terms_a[key], terms_b[key], rtol=0, atol=1e-6)
+    for a, b in ((g_a, g_b), (d_a, d_b)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

@@ -11,7 +11,29 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class DownConv(nn.Conv2d):
+    """D's 4x4 stride-2 conv. On a CPU, where its input map is small (8x8 or less: D's deep,
+    weight-heavy layers), it runs as an explicit im2col matrix product: at batch 4 that is
+    1.3-1.4x faster than oneDNN's direct convolution, forward, backward and the penalty's double
+    backward alike (benchmarks/bench_train_step.py). Same parameters, same result."""
+
+    SMALL_MAP = 64  # input pixels at or below which the matrix product wins on a CPU
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 4, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        if x.device.type != "cpu" or h * w > self.SMALL_MAP:
+            return super().forward(x)
+        columns = F.unfold(x, 4, padding=1, stride=2)  # (B, C_in * 16, L)
+        y = torch.matmul(self.weight.flatten(1), columns) + self.bias[:, None]
+        return y.view(b, -1, h // 2, w // 2)
 
 
 def default_depth(image_size: int) -> int:
@@ -44,7 +66,7 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = []
         in_ch, out_ch = 3, conv_dim
         for _ in range(n_layers):
-            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.01)]
+            layers += [DownConv(in_ch, out_ch), nn.LeakyReLU(0.01)]
             in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
         self.main = nn.Sequential(*layers)
         final = image_size >> n_layers
