@@ -200,26 +200,24 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, work
     )
 
 
-def test_fine_source_head_trains_and_its_weights_reach_the_checkpoint(tiny_folder, workdir):
-    config = tiny_gan_config(tiny_folder, "train.iterations=5", "discriminator.fine_src_layer=1")
+@pytest.mark.parametrize(
+    ("switch", "weight"),
+    [
+        ("discriminator.fine_src_layer=1", "fine_src.weight"),  # the fine D_src head
+        ("discriminator.projection=true", "embed.weight"),  # the projection's label embedding
+    ],
+)
+def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
+    switch, weight, tiny_folder, workdir
+):
+    config = tiny_gan_config(tiny_folder, "train.iterations=5", switch)
     run_dir = run_gan(config, quiet=True)
     trained = weights(ckpt.list_checkpoints(run_dir)[-1])
     torch.manual_seed(config.train.seed)
     from dgan.models import build_gan
 
     _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
-    assert not torch.equal(trained["D.fine_src.weight"], D0.state_dict()["fine_src.weight"])
-
-
-def test_projection_discriminator_trains_its_label_embedding(tiny_folder, workdir):
-    config = tiny_gan_config(tiny_folder, "train.iterations=5", "discriminator.projection=true")
-    run_dir = run_gan(config, quiet=True)
-    trained = weights(ckpt.list_checkpoints(run_dir)[-1])
-    torch.manual_seed(config.train.seed)
-    from dgan.models import build_gan
-
-    _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
-    assert not torch.equal(trained["D.embed.weight"], D0.state_dict()["embed.weight"])
+    assert not torch.equal(trained[f"D.{weight}"], D0.state_dict()[weight])
 
 
 def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_folder):
