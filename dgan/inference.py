@@ -83,10 +83,12 @@ def deface(
         raise DganError(
             f"labels must have shape ({b}, {generator.num_classes}), got {tuple(labels.shape)}"
         )
-    where = region_mask(region, b, h, w).to(normals.device, normals.dtype)
-    out = generator(
-        normals, control_map(labels.to(normals), where), _noise_generator(normals.device, seed)
-    )
+    labels = labels.to(normals)
+    if region is None:  # the label at every pixel: G's cheap label form of A
+        control = labels
+    else:
+        control = control_map(labels, region_mask(region, b, h, w).to(normals))
+    out = generator(normals, control, _noise_generator(normals.device, seed))
     return out.image, _mask_of(out, normals)
 
 
@@ -95,8 +97,7 @@ def restore(
     generator: Generator, defects: Tensor, seed: int | Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Restored normals and repaint maps for defect images (B, 3, H, W) in [-1, 1] (A = 0)."""
-    b, _, h, w = defects.shape
-    a = torch.zeros(b, generator.num_classes, h, w, device=defects.device, dtype=defects.dtype)
+    a = defects.new_zeros(defects.shape[0], generator.num_classes)  # "normal" at every pixel
     out = generator(defects, a, _noise_generator(defects.device, seed))
     return out.image, _mask_of(out, defects)
 

@@ -6,7 +6,13 @@ import torch
 from dgan.errors import DganError
 from dgan.inference import deface, region_mask, restore
 from dgan.models.discriminator import Discriminator, DownConv, default_depth
-from dgan.models.generator import SPADE, Generator, NoiseInjection, compose
+from dgan.models.generator import (
+    SPADE,
+    Generator,
+    NoiseInjection,
+    compose,
+    control_map_from_labels,
+)
 
 C = 5
 
@@ -49,6 +55,40 @@ def test_scc_feeds_the_control_map_through_spade_in_the_decoder_only():
         for s in spades:  # SPADE starts near identity; make A's effect visible
             s.gamma.weight.normal_()
     assert not torch.allclose(G(x, a0).image, G(x, a1).image)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (28, 44), (20, 24), (16, 16)])
+@pytest.mark.parametrize("stargan", [False, True])
+def test_labels_as_control_equal_their_map_repeated_over_space_through_the_backward(
+    height, width, stargan
+):
+    # Labels are G's cheap form of a constant A (SPADE on a 5x5 map, spread to the border
+    # pattern). Output and parameter gradients must be those of the full map, at sizes where
+    # the bottleneck is wider than 5 (the 5x5 path) and at most 5 (the full path), in both
+    # G's SPADE form and StarGAN's concatenated input. A mixed batch takes parts in order.
+    switches = {"scc": False, "ani": False, "lwc": False} if stargan else {"ani": False}
+    G = tiny(fine_blocks=1, **switches)
+    with torch.no_grad():
+        for s in (m for m in G.modules() if isinstance(m, SPADE)):
+            s.gamma.weight.normal_()  # SPADE starts near identity; make A's effect visible
+    x = torch.rand(3, 3, height, width) * 2 - 1
+    labels = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 0, 0]])
+    as_map = control_map_from_labels(labels, height, width)
+    box = torch.zeros(1, C, height, width)
+    box[:, 2, 4:12, 3:9] = 1
+    runs = [
+        (labels, as_map),
+        ([labels[:2], box], torch.cat([as_map[:2], box])),  # labels, then a map
+    ]
+    for control, reference in runs:
+        outs = [G(x, c) for c in (control, reference)]
+        grads = [torch.autograd.grad(o.image.square().sum(), list(G.parameters())) for o in outs]
+        torch.testing.assert_close(outs[0].image, outs[1].image, rtol=0, atol=1e-5)
+        for (name, _), a, b in zip(G.named_parameters(), *grads, strict=True):
+            # Sums over H x W in another order: equal to float error of the gradient's scale.
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
+    other = labels.flip(0)  # and A still matters: other labels give another image
+    assert not torch.allclose(G(x, other).image, G(x, labels).image, atol=1e-3)
 
 
 def test_adaptive_noise_has_one_learned_scalar_per_conv_block_starting_at_zero():

@@ -143,7 +143,14 @@ def test_killed_at_any_moment_a_rerun_completes_to_exactly_n_images(trained, tmp
     args += ["--batch-size", "8", "--quiet", "--set", "num_workers=0", "--set", "writers=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [*DGAN, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*DGAN, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A shell's background job (`pytest &`) starts with SIGINT ignored, and children inherit
+        # that; Ctrl-C from a terminal finds the default disposition, so give the child that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -242,7 +242,7 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
     results = []
     for shared in (False, True):
         nets = build_nets(config, len(classes), accelerator)
-        first = first_pass(nets, batch) if shared else None
+        first = first_pass(nets, batch, config) if shared else None
         terms = d_step(nets, batch, config, accelerator, first)
         terms |= g_step(nets, batch, config, accelerator, first)
         results.append((terms, nets.G_raw.state_dict(), nets.D_raw.state_dict()))

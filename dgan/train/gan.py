@@ -55,7 +55,7 @@ class Nets:
 
 def translate(G: torch.nn.Module, x: Tensor, labels: Tensor):
     """G(x, A) with A the labels repeated over space (training-time control map, Sec. 3.1)."""
-    return G(x, control_map_from_labels(labels, x.shape[2], x.shape[3]))
+    return G(x, labels)
 
 
 def target_region(region: Tensor, height: int, width: int) -> Tensor:
@@ -69,18 +69,32 @@ def target_region(region: Tensor, height: int, width: int) -> Tensor:
     return torch.where(use[:, None, None] > 0, box, torch.ones_like(box))[:, None]
 
 
-def first_stage_control(batch: dict[str, Tensor], height: int, width: int) -> tuple[Tensor, Tensor]:
+def first_stage_control(
+    batch: dict[str, Tensor], height: int, width: int, boxes: bool
+) -> list[Tensor]:
     """A for the first G pass over [n | d]: the target label (inside its region) for the
-    normals, "normal" (0) for the defects. Returns (A, the normals' target region)."""
-    where = target_region(batch["region"], height, width)
-    deface = control_map_from_labels(batch["target_labels"], height, width) * where
-    return torch.cat([deface, torch.zeros_like(deface)]), where
+    normals, "normal" (0) for the defects.
+
+    Parts in G's cheap label form where A is constant over space: always for the defects, and
+    for the normals unless training asks for random target boxes (`boxes`, from the config: a
+    static choice, so no flag is read back from the device).
+    """
+    target = batch["target_labels"]
+    deface = target
+    if boxes:
+        where = target_region(batch["region"], height, width)
+        deface = control_map_from_labels(target, height, width) * where
+    return [deface, torch.zeros_like(target)]
 
 
-def first_pass(nets: Nets, batch: dict[str, Tensor]) -> GeneratorOutput:
+def uses_boxes(config: GanConfig) -> bool:
+    return config.train.random_region_prob > 0
+
+
+def first_pass(nets: Nets, batch: dict[str, Tensor], config: GanConfig) -> GeneratorOutput:
     """G's first stage over [n | d]: [d' | n'], with the autograd graph that G's update needs."""
     n = batch["normal"]
-    control, _ = first_stage_control(batch, n.shape[2], n.shape[3])
+    control = first_stage_control(batch, n.shape[2], n.shape[3], uses_boxes(config))
     return nets.G(torch.cat([n, batch["defect"]]), control)
 
 
@@ -99,7 +113,7 @@ def d_step(
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
     if first is None:
-        control, _ = first_stage_control(batch, n.shape[2], n.shape[3])
+        control = first_stage_control(batch, n.shape[2], n.shape[3], uses_boxes(config))
         with torch.no_grad():  # D's update needs the fakes, not G's graph
             first = nets.G_raw(torch.cat([n, d]), control)
     b = n.shape[0]
@@ -155,7 +169,7 @@ def g_step(
     b = n.shape[0]
     where = target_region(batch["region"], n.shape[2], n.shape[3])
     if first is None:
-        first = first_pass(nets, batch)  # [d' | n']
+        first = first_pass(nets, batch, config)  # [d' | n']
     second = translate(nets.G, first.image, torch.cat([zeros, c_real]))  # [n^ | d^]
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
@@ -409,7 +423,7 @@ def train_gan(
             set_learning_rates(nets, config, iteration)
             update_g = iteration % config.train.n_critic == 0
             # On G's iterations, G's first pass is run once, with its graph, for both steps.
-            first = first_pass(nets, batch) if update_g else None
+            first = first_pass(nets, batch, config) if update_g else None
             terms = d_step(nets, batch, config, accelerator, first)
             counts["d"] += 1
             if update_g:
