@@ -41,6 +41,14 @@ def classification_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
     return bce / cls_logits.shape[0]
 
 
+def fake_classification_loss_d(fake_cls_logits: Tensor) -> Tensor:
+    """Beyond the paper: D_cls learns that generated images show no real defect, i.e. the
+    classification loss of Eq. 6 on fakes with every category off. Eq. 6 trains D_cls on real
+    images only, so a tinted blob that no real image resembles can still score as a crack; with
+    this term, G's Eq. 7 can only raise a category's score by looking like its real examples."""
+    return classification_loss(fake_cls_logits, torch.zeros_like(fake_cls_logits))
+
+
 def reconstruction_loss(x: Tensor, x_reconstructed: Tensor) -> Tensor:
     """L_rec, Eq. 8: mean L1 between an input and its cycle reconstruction (n vs n^, d vs d^)."""
     return (x - x_reconstructed).abs().mean()

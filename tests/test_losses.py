@@ -32,6 +32,14 @@ def test_classification_loss_sums_binary_cross_entropy_over_categories_per_sampl
     assert losses.classification_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_fake_classification_loss_for_d_is_the_classification_loss_with_every_category_off():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 3.0]])
+    p = [[1 / (1 + math.exp(-z)) for z in row] for row in logits.tolist()]
+    expected = -sum(math.log(1 - q) for row in p for q in row) / 2
+    got = losses.fake_classification_loss_d(logits).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 def test_reconstruction_loss_is_mean_absolute_error():
     x = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
     y = torch.tensor([[0.0, -1.0], [0.0, 1.0]])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_GAN, tiny_gan_config
 
+from dgan import losses
 from dgan.errors import DganError
 from dgan.train import checkpoint as ckpt
 from dgan.train.launch import run_gan
@@ -253,3 +254,36 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
     for a, b in ((g_a, g_b), (d_a, d_b)):
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.5])
+def test_d_step_adds_d_cls_on_fakes_with_every_category_off_at_its_weight(weight, tiny_folder):
+    # loss.lambda_cls_fake_d (beyond the paper): D_cls also learns that G's fakes show no real
+    # defect. The term is D_cls on [d' | n'] against all-zero labels, before D's update, and
+    # d_total carries it at its weight; at 0 it is absent.
+    from dgan.data.loader import gan_loader
+    from dgan.train.gan import (
+        _to_device,
+        build_nets,
+        d_step,
+        first_pass,
+        load_training_data,
+        make_accelerator,
+    )
+
+    config = tiny_gan_config(tiny_folder, "generator.ani=false", f"loss.lambda_cls_fake_d={weight}")
+    accelerator = make_accelerator(config, None)
+    _, classes, stream = load_training_data(config)
+    batch = _to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    nets = build_nets(config, len(classes), accelerator)
+    with torch.no_grad():
+        fakes = first_pass(nets, batch, config).image
+        zeros = torch.zeros_like(batch["target_labels"])
+        _, cls = nets.D_raw(fakes, torch.cat([batch["target_labels"], zeros]))
+    terms = d_step(nets, batch, config, accelerator)
+    expected = losses.fake_classification_loss_d(cls) if weight else torch.tensor(0.0)
+    torch.testing.assert_close(terms["d_cls_fake"], expected, rtol=1e-5, atol=1e-6)
+    lw = config.loss
+    rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
+    torch.testing.assert_close(terms["d_total"] - rest, weight * expected, rtol=1e-4, atol=1e-5)
+    assert weight == 0 or expected > 0

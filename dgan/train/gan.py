@@ -30,7 +30,7 @@ from dgan.train.progress import Progress
 
 # Changing these keys between a checkpoint and a resume would change what the weights mean.
 COMPATIBLE_PREFIXES = ("log.", "eval.", "train.iterations", "data.num_workers", "data.root")
-D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_total")
+D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_total")
 G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
 
@@ -143,8 +143,15 @@ def d_step(
         "d_cls_r": losses.classification_loss(cls[: 2 * b].float(), real_labels),
     }
     lw = config.loss
+    if lw.lambda_cls_fake_d > 0:
+        terms["d_cls_fake"] = losses.fake_classification_loss_d(cls[2 * b :].float())
+    else:
+        terms["d_cls_fake"] = n.new_zeros(())
     terms["d_total"] = (
-        terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
+        terms["d_adv"]
+        + lw.lambda_gp * terms["d_gp"]
+        + lw.lambda_cls_r * terms["d_cls_r"]
+        + lw.lambda_cls_fake_d * terms["d_cls_fake"]
     )
     nets.opt_D.zero_grad(set_to_none=True)
     accelerator.backward(terms["d_total"])
