@@ -53,11 +53,6 @@ class Nets:
 # ---------------------------------------------------------------------------------------------
 
 
-def translate(G: torch.nn.Module, x: Tensor, labels: Tensor):
-    """G(x, A) with A the labels repeated over space (training-time control map, Sec. 3.1)."""
-    return G(x, labels)
-
-
 def target_region(region: Tensor, height: int, width: int) -> Tensor:
     """(B, 1, H, W) map of where defacement is asked: the sample's box if flagged, else all."""
     use, x0, y0, bw, bh = region.unbind(1)
@@ -177,7 +172,8 @@ def g_step(
     where = target_region(batch["region"], n.shape[2], n.shape[3])
     if first is None:
         first = first_pass(nets, batch, config)  # [d' | n']
-    second = translate(nets.G, first.image, torch.cat([zeros, c_real]))  # [n^ | d^]
+    # [n^ | d^]; A as labels, i.e. repeated over space (training-time control map, Sec. 3.1).
+    second = nets.G(first.image, torch.cat([zeros, c_real]))
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
     src, cls = nets.D_raw(first.image, torch.cat([c_target, zeros]))
