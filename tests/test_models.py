@@ -5,6 +5,7 @@ import torch
 
 from dgan.errors import DganError
 from dgan.inference import deface, region_mask, restore
+from dgan.models.conv import Conv3x3
 from dgan.models.discriminator import Discriminator, DownConv, default_depth
 from dgan.models.generator import (
     SPADE,
@@ -230,3 +231,38 @@ def test_down_conv_equals_conv2d_through_the_double_backward(side):
     (w_ours,) = torch.autograd.grad(g_ours.square().sum(), conv.weight)
     (w_plain,) = torch.autograd.grad(g_plain.square().sum(), conv.weight)
     torch.testing.assert_close(w_ours, w_plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("channels", "height", "width", "winograd"),
+    [
+        ((128, 128), 8, 8, True),
+        ((128, 256), 9, 14, True),  # partial output tiles on both axes
+        ((256, 128), 16, 5, True),
+        ((64, 64), 16, 16, False),  # too few channels: the transforms would cost more
+        ((128, 128), 7, 7, False),  # under 8x8: mostly padding
+    ],
+)
+def test_conv3x3_equals_conv2d_through_the_backward(channels, height, width, winograd):
+    # G's 3x3 convs run as Winograd F(4x4, 3x3) tiles on the CPU where that is faster: output,
+    # input gradient and weight and bias gradients must be those of the plain convolution.
+    torch.manual_seed(0)
+    conv = Conv3x3(*channels)
+    x = torch.randn(3, channels[0], height, width, requires_grad=True)
+    assert conv.uses_winograd(x) is winograd
+    ours = conv(x)
+    plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+    probe = torch.randn_like(plain)
+    got = torch.autograd.grad((ours * probe).sum(), (x, conv.weight, conv.bias))
+    want = torch.autograd.grad((plain * probe).sum(), (x, conv.weight, conv.bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_conv3x3_is_the_plain_convolution_under_cpu_autocast():
+    conv = Conv3x3(128, 128)
+    x = torch.randn(1, 128, 8, 8)
+    assert conv.uses_winograd(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv.uses_winograd(x)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dgan.models.conv import Conv3x3
+
 # None (the global RNG), one generator for the batch, or one per image (synthesis: output i then
 # depends only on its own seed, whatever the batch it is computed in).
 NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None
@@ -99,8 +101,8 @@ class SPADE(nn.Module):
         super().__init__()
         self.norm = instance_norm(channels, affine=False)
         self.shared = nn.Sequential(nn.Conv2d(control_channels, hidden, 3, padding=1), nn.ReLU())
-        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.gamma = Conv3x3(hidden, channels)
+        self.beta = Conv3x3(hidden, channels)
 
     def forward(self, x: Tensor, control: Control) -> Tensor:
         parts = [self.modulation(a, x.shape[2], x.shape[3]) for a in control_parts(control)]
@@ -146,9 +148,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, dim: int, control_channels: int, hidden: int, spade: bool) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.conv1 = Conv3x3(dim, dim, bias=False)
         self.norm1 = Norm(dim, control_channels, hidden, spade)
-        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.conv2 = Conv3x3(dim, dim, bias=False)
         self.norm2 = Norm(dim, control_channels, hidden, spade)
 
     def forward(self, x: Tensor, control: Control) -> Tensor:
@@ -166,7 +168,7 @@ def upsample_conv(in_channels: int, out_channels: int, mode: str) -> nn.Module:
         return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        Conv3x3(in_channels, out_channels, bias=False),
     )
 
 
@@ -245,10 +247,18 @@ class Generator(nn.Module):
             h = inject(torch.relu(norm(up(h), control)))
         for block in self.fine:
             h = inject(block(h, control))
-        foreground = torch.tanh(self.to_foreground(h))
         if self.to_mask is None:
+            foreground = torch.tanh(self.to_foreground(h))
             return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)
-        defect_mask = torch.sigmoid(self.to_mask(h))
+        # f's and m's 7x7 convs as one 4-channel conv: oneDNN takes about as long for 4 output
+        # channels as for 3 or 1 (half the heads' cost at 128 px on a CPU).
+        heads = nn.functional.conv2d(
+            h,
+            torch.cat([self.to_foreground.weight, self.to_mask.weight]),
+            torch.cat([self.to_foreground.bias, self.to_mask.bias]),
+            padding=3,
+        )
+        foreground, defect_mask = torch.tanh(heads[:, :3]), torch.sigmoid(heads[:, 3:])
         return GeneratorOutput(
             image=compose(x, foreground, defect_mask),
             foreground=foreground,
