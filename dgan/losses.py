@@ -42,10 +42,12 @@ def classification_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def fake_classification_loss_d(fake_cls_logits: Tensor) -> Tensor:
-    """Beyond the paper: D_cls learns that generated images show no real defect, i.e. the
-    classification loss of Eq. 6 on fakes with every category off. Eq. 6 trains D_cls on real
-    images only, so a tinted blob that no real image resembles can still score as a crack; with
-    this term, G's Eq. 7 can only raise a category's score by looking like its real examples."""
+    """Beyond the paper: D_cls learns that G's defacements show no real defect, i.e. the
+    classification loss of Eq. 6 on defaced fakes d' with every category off. Eq. 6 trains D_cls
+    on real images only, so a tinted blob that no real image resembles can still score as a
+    crack; with this term, G's Eq. 7 can only raise a category's score by looking like its real
+    examples. Restored fakes n' stay out: "no defect" is what Eq. 7 asks of them too, so the
+    term would only teach D_cls to accept restoration artifacts as normal."""
     return classification_loss(fake_cls_logits, torch.zeros_like(fake_cls_logits))
 
 

@@ -236,11 +236,11 @@ def test_down_conv_equals_conv2d_through_the_double_backward(side):
 @pytest.mark.parametrize(
     ("channels", "height", "width", "winograd"),
     [
-        ((128, 128), 8, 8, True),
-        ((128, 256), 9, 14, True),  # partial output tiles on both axes
-        ((256, 128), 16, 5, True),
+        ((128, 128), 16, 16, True),
+        ((128, 256), 17, 22, True),  # partial output tiles on both axes
+        ((256, 128), 30, 9, True),
         ((64, 64), 16, 16, False),  # too few channels: the transforms would cost more
-        ((128, 128), 7, 7, False),  # under 8x8: mostly padding
+        ((128, 128), 15, 15, False),  # under 16x16: mostly padding
     ],
 )
 def test_conv3x3_equals_conv2d_through_the_backward(channels, height, width, winograd):
@@ -262,7 +262,7 @@ def test_conv3x3_equals_conv2d_through_the_backward(channels, height, width, win
 
 def test_conv3x3_is_the_plain_convolution_under_cpu_autocast():
     conv = Conv3x3(128, 128)
-    x = torch.randn(1, 128, 8, 8)
+    x = torch.randn(1, 128, 16, 16)
     assert conv.uses_winograd(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not conv.uses_winograd(x)

@@ -257,10 +257,12 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.5])
-def test_d_step_adds_d_cls_on_fakes_with_every_category_off_at_its_weight(weight, tiny_folder):
-    # loss.lambda_cls_fake_d (beyond the paper): D_cls also learns that G's fakes show no real
-    # defect. The term is D_cls on [d' | n'] against all-zero labels, before D's update, and
-    # d_total carries it at its weight; at 0 it is absent.
+def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
+    weight, tiny_folder
+):
+    # loss.lambda_cls_fake_d (beyond the paper): D_cls also learns that G's defacements show no
+    # real defect. The term is D_cls on d' (not the restorations n') against all-zero labels,
+    # before D's update, and d_total carries it at its weight; at 0 it is absent.
     from dgan.data.loader import gan_loader
     from dgan.train.gan import (
         _to_device,
@@ -281,7 +283,8 @@ def test_d_step_adds_d_cls_on_fakes_with_every_category_off_at_its_weight(weight
         zeros = torch.zeros_like(batch["target_labels"])
         _, cls = nets.D_raw(fakes, torch.cat([batch["target_labels"], zeros]))
     terms = d_step(nets, batch, config, accelerator)
-    expected = losses.fake_classification_loss_d(cls) if weight else torch.tensor(0.0)
+    b = batch["normal"].shape[0]
+    expected = losses.fake_classification_loss_d(cls[:b]) if weight else torch.tensor(0.0)
     torch.testing.assert_close(terms["d_cls_fake"], expected, rtol=1e-5, atol=1e-6)
     lw = config.loss
     rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]

@@ -72,11 +72,11 @@ class Conv3x3(nn.Conv2d):
     """nn.Conv2d(in, out, 3, padding=1), by Winograd where that is faster (see module doc)."""
 
     # The products saved grow as in * out per pixel, the transforms' memory traffic as in + out.
-    # Forward + backward on one CPU thread, 8 images: 256 -> 256 at 32x32, 0.87 s direct, 0.39 s
-    # Winograd; 128 -> 128 at 64x64, 0.88 s and 0.75 s; 128 -> 64 at 128x128, 1.95 s and 3.40 s.
-    # So Winograd from in * out / (in + out) = 64 (128 -> 128) up.
+    # Forward + backward on 2 CPU threads, 8 images, direct against Winograd: 256 -> 256 at
+    # 32x32, 0.43 s and 0.22 s; at 16x16, 0.11 s and 0.06 s; at 8x8, 30 ms and 26 ms; 128 -> 128
+    # at 64x64, 0.45 s and 0.44 s; 128 -> 64 at 128x128, 0.99 s and 1.52 s.
     MIN_CHANNEL_RATIO = 64
-    MIN_PIXELS = 64  # maps below 8x8: mostly padding
+    MIN_PIXELS = 256  # below 16x16 the tiles are mostly padding: no gain at 8x8 on 2 threads
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)

@@ -138,8 +138,8 @@ def d_step(
         "d_cls_r": losses.classification_loss(cls[: 2 * b].float(), real_labels),
     }
     lw = config.loss
-    if lw.lambda_cls_fake_d > 0:
-        terms["d_cls_fake"] = losses.fake_classification_loss_d(cls[2 * b :].float())
+    if lw.lambda_cls_fake_d > 0:  # defacements d' only (see fake_classification_loss_d)
+        terms["d_cls_fake"] = losses.fake_classification_loss_d(cls[2 * b : 3 * b].float())
     else:
         terms["d_cls_fake"] = n.new_zeros(())
     terms["d_total"] = (
