@@ -4,7 +4,8 @@ G's residual blocks are 3x3, stride 1 convs at 256 channels: over half of G's fo
 backward. oneDNN runs them as direct convolutions on CPUs without AVX-512; Winograd's transform
 does each 4x4 output tile with 36 products per channel pair instead of 144, as one batched
 matrix product, and its backward is the same products transposed (autograd derives it). Same
-parameters and the same result to float rounding (about 2x the direct conv's rounding error).
+parameters and the same result to float rounding (max error about 1e-4 on outputs of scale 10,
+against 2e-5 for the direct conv).
 Elsewhere (CUDA, reduced precision, small maps or few channels) it is nn.Conv2d.
 """
 
@@ -46,7 +47,7 @@ def _kron(m: list[list[float]]) -> Tensor:
 
 
 _KERNEL, _OUTPUT = _kron(_G), _kron(_AT)  # (36, 9), (16, 36)
-_BT_T = torch.tensor(_BT, dtype=torch.float32)
+_INPUT = torch.tensor(_BT, dtype=torch.float32)  # (6, 6), applied along each tile axis
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -59,7 +60,7 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     tiles = F.unfold(xp, 6, stride=4).view(b, c, 36, th * tw)
     d = tiles.permute(2, 0, 3, 1).reshape(6, -1)  # (6, 6 * B * th * tw * C)
     # B^T d B one axis at a time: two 6x6 products, not one 36x36 (1.7x faster).
-    bt = _BT_T.to(x.device)
+    bt = _INPUT.to(x.device)
     v = torch.matmul(bt, (bt @ d).view(6, 6, -1)).view(36, b * th * tw, c)
     u = (_KERNEL.to(x.device) @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(36, c, k)
     m = torch.bmm(v, u)  # (36, tiles, K): the 36 products per tile, each over all C
