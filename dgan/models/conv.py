@@ -1,12 +1,12 @@
 """A 3x3 conv that runs as a Winograd F(4x4, 3x3) transform on a CPU (Lavin and Gray 2016).
 
 G's residual blocks are 3x3, stride 1 convs at 256 channels: over half of G's forward and
-backward. oneDNN runs them as direct convolutions on CPUs without AVX-512; Winograd's transform
-does each 4x4 output tile with 36 products per channel pair instead of 144, as one batched
-matrix product, and its backward is the same products transposed (autograd derives it). Same
-parameters and the same result to float rounding (max error about 1e-4 on outputs of scale 10,
-against 2e-5 for the direct conv).
-Elsewhere (CUDA, reduced precision, small maps or few channels) it is nn.Conv2d.
+backward. oneDNN's Winograd kernels need AVX-512, so on other CPUs these run as direct
+convolutions. Winograd's transform does each 4x4 output tile with 36 products per channel pair
+instead of 144, as one batched matrix product, and its backward is the same products transposed
+(autograd derives it). Same parameters, and the same result to float rounding (max error about
+1e-4 on outputs of scale 10, against 2e-5 for the direct conv). Elsewhere (CUDA, reduced
+precision, small maps or few channels) it is nn.Conv2d.
 """
 
 from __future__ import annotations
