@@ -105,7 +105,7 @@ class GanLossConfig(Section):
     lambda_sd_cyc: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_con: float = Field(1.0, ge=0)  # Eq. 12
     lambda_outside: float = Field(5.0, ge=0)  # beyond the paper: m outside the asked region
-    # Beyond the paper: D_cls also learns that fakes show no real defect (0 by default).
+    # Beyond the paper: D_cls also learns that defacements d' show no real defect (0 by default).
     lambda_cls_fake_d: float = Field(0.0, ge=0)
 
 
