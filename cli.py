@@ -176,7 +176,7 @@ def _gan_config(config: list[str] | None, overrides: list[str] | None, resume: s
 
     if resume is not None and not config:
         # Resuming continues the run's own config unless the user names another.
-        from dgan.train.checkpoint import resolve_resume
+        from dgan.run.checkpoint import resolve_resume
 
         run_root = load_config("gan", None, overrides).log.run_root
         run_dir = resolve_resume(resume, run_root, "gan").parent.parent
@@ -213,11 +213,11 @@ def train_gan(
     if promote_if_better is not None:
         overrides.append(f"log.promote_if_better={json.dumps(promote_if_better)}")
     cfg = _gan_config(config, overrides, resume)
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
-    run_dir = run_gan(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
+    result = run_gan(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
     if os.environ.get("RANK", "0") == "0":  # once, also under torchrun / accelerate launch
-        typer.echo(f"run directory: {run_dir}")
+        typer.echo(f"run directory: {result.run_dir}")
 
 
 @config_app.command("show")
@@ -261,10 +261,10 @@ def demo(
     if iterations is not None:
         overrides.append(f"train.iterations={iterations}")
     from dgan.config import load_config
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
     cfg = load_config("gan", ["demo"], overrides)
-    run_dir = run_gan(cfg, quiet=quiet, run_name="demo")
+    run_dir = run_gan(cfg, quiet=quiet, run_name="demo").run_dir
     grids = sorted((run_dir / "samples").glob("*.png"))
     typer.echo(f"run directory: {run_dir}")
     if grids:
@@ -298,7 +298,7 @@ def _inspector_config(
 
     if resume is not None and not config:
         # Resuming continues the run's own config unless the user names another.
-        from dgan.train.checkpoint import resolve_resume
+        from dgan.run.checkpoint import resolve_resume
 
         run_root = load_config("inspector", None, overrides).log.run_root
         run_dir = resolve_resume(resume, run_root, "inspector").parent.parent
@@ -377,8 +377,9 @@ def train_inspector(
     cfg = _inspector_config(config, overrides, resume)
     from dgan.train.inspector import run_inspector
 
-    run_dir = run_inspector(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
-    typer.echo(f"run directory: {run_dir}")
+    result = run_inspector(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"run directory: {result.run_dir}")
 
 
 @eval_app.command("inspector")
@@ -480,13 +481,14 @@ def eval_fid(
             f"argument(s): {' '.join(paths)}",
             exit_code=2,
         )
-    from dgan.evaluation import evaluate_fid
+    from dgan.evaluation.fid_report import evaluate_fid
+    from dgan.events import ConsoleEvents
     from dgan.io import atomic_write_text
 
     model, data = (None, paths[0]) if len(paths) == 1 else paths
     report = evaluate_fid(
         Path(data), model, n, split, inspector, inception_weights, split_real, seed, batch_size,
-        cache_dir, image_size, tracking_uri, log=typer.echo,
+        cache_dir, image_size, tracking_uri, events=ConsoleEvents(),
     )  # fmt: skip
     typer.echo(report.format())
     if json_out:
@@ -514,7 +516,7 @@ def eval_synth(
 
     Example: dgan eval synth runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
     """
-    from dgan.evaluation import evaluate_synthesis
+    from dgan.evaluation.synth_report import evaluate_synthesis
     from dgan.io import atomic_write_text
 
     report = evaluate_synthesis(model, data, inspector, n, split, seed, batch_size, tracking_uri)
@@ -551,6 +553,7 @@ def repro_table3(
 
     Example: dgan repro table3 --synthetic synth/demo --seeds 3 --defect-fraction 0.05
     """
+    from dgan.events import ConsoleEvents
     from dgan.repro import parse_rows, run_table3
 
     chosen = parse_rows(rows)
@@ -562,7 +565,7 @@ def repro_table3(
         set_, data, None, defect_fraction=defect_fraction or None, tracking_uri=tracking_uri
     )
     cfg = _inspector_config(config, overrides, None)
-    table = run_table3(cfg, list(synthetic or []), seeds, chosen, log=typer.echo)
+    table = run_table3(cfg, list(synthetic or []), seeds, chosen, events=ConsoleEvents())
     typer.echo(table.format())
     typer.echo(f"written to {table.out_dir}; compare the runs in the MLflow UI (dgan.repro=table3)")
 
@@ -662,11 +665,13 @@ def synth(
     from dgan.synth.run import run_synth
 
     cfg = load_config("synth", config, [*overrides, *(set_ or [])])
-    result = run_synth(cfg, gpus=gpus, quiet=quiet, log=typer.echo)
-    if result.written and os.environ.get("RANK", "0") == "0":  # once under torchrun
+    result = run_synth(cfg, gpus=gpus, quiet=quiet)
+    written = result.metrics["written"]
+    if written and os.environ.get("RANK", "0") == "0":  # once under torchrun
         typer.echo(
-            f"wrote {result.written} images in {result.seconds:.1f} s "
-            f"({result.images_per_second:.1f} images/s); {result.out} holds all {result.n}"
+            f"wrote {written} images in {result.seconds:.1f} s "
+            f"({result.metrics['images_per_second']:.1f} images/s); {result.run_dir} holds all "
+            f"{result.total}"
         )
 
 
@@ -694,8 +699,8 @@ def models_list(
 
     Example: dgan models list defect-inspector --json -
     """
-    from dgan.models.registry import format_versions, list_versions
-    from dgan.tracking import resolve_tracking_uri
+    from dgan.tracking.registry import format_versions, list_versions
+    from dgan.tracking.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     rows = list_versions(name, uri)
@@ -728,7 +733,7 @@ def models_promote(
 
     Example: dgan models promote defect-gan 3 --alias champion
     """
-    from dgan.models.registry import promote
+    from dgan.tracking.registry import promote
 
     previous = promote(name, version, alias, tracking_uri)
     was = f" (was version {previous})" if previous and previous != version else ""

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from PIL import Image
 
 from dgan.config import load_config
+from dgan.events import Events
 from dgan.inference import deface, restore
 from dgan.synth.run import _device, prepare_job, run_synth
 
@@ -107,11 +108,12 @@ def peak_memory(generator: Path, normals: Path, out: Path, n: int, args) -> dict
 import json, resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from bench_synth import synth_config
+from dgan.events import Events
 from dgan.synth.run import run_synth
 import argparse
 args = argparse.Namespace(**json.loads({json.dumps(vars(args), default=str)!r}))
 run_synth(synth_config({str(generator)!r}, {str(normals)!r}, {str(out)!r}, {n}, args),
-          quiet=True, log=lambda *_: None)
+          events=Events())
 print(json.dumps({{"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
 """
@@ -144,8 +146,8 @@ def main() -> None:
         what = "deface + restore" if config.restored else "deface"
         ceiling = bare_forward(config, batches=max(3, args.n // args.batch // 2))
         print(f"bare generator forward ({what}), batch {args.batch}: {ceiling:.1f} images/s")
-        result = run_synth(config, quiet=True, log=lambda *_: None)
-        rate = result.images_per_second
+        result = run_synth(config, events=Events())  # silent
+        rate = result.metrics["images_per_second"]
         print(f"end-to-end dgan synth, n={args.n}: {rate:.1f} images/s ({result.seconds:.1f} s)")
         print(f"ratio end-to-end / bare forward: {rate / ceiling:.3f} (goal >= 0.9)")
         for n in args.memory_n:

@@ -31,7 +31,8 @@ from de_i2i_gan_reference import DeI2iGanStep
 from stargan_reference import ReferenceStep
 
 from dgan.config import load_config
-from dgan.train.gan import build_nets, d_step, first_pass, g_step, make_accelerator, update_ema
+from dgan.run.launch import make_accelerator
+from dgan.train.gan import build_nets, d_step, first_pass, g_step, update_ema
 
 # Seconds per iteration on 2 CPU threads, batch 4, conv_dim 64 (FIELD-NOTES.md).
 STARGAN_REFERENCE = {32: (0.57, 0.62), 64: (2.46, 2.60), 128: (3.2, 3.8)}
@@ -61,7 +62,7 @@ class Ours:
         ]
         presets = [] if switches else ["table2/stargan"]
         self.config = load_config("gan", presets, overrides)
-        self.accelerator = make_accelerator(self.config, None)
+        self.accelerator = make_accelerator("gan", self.config.train.mixed_precision, None)
         classes = 5
         self.nets = build_nets(self.config, classes, self.accelerator)
         gen = torch.Generator().manual_seed(0)

@@ -40,8 +40,8 @@ from dgan.data import DatasetIndex, open_dataset
 from dgan.data.loader import load_image, to_unit_range
 from dgan.inference import deface, restore
 from dgan.models.inspector import load_inspector
-from dgan.models.source import load_generator_from, resolve_model
 from dgan.report import text_table
+from dgan.tracking.source import load_generator_from, resolve_model
 
 
 def busy_note() -> str:

@@ -147,7 +147,7 @@ def check_registry_keys(log: Any) -> Any:
             "only a registered version can be promoted"
         )
     if log.promote_mode is None:
-        from dgan.models.registry import metric_direction
+        from dgan.metrics.registry import metric_direction
 
         if metric_direction(metric) is None:
             raise ValueError(

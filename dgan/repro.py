@@ -13,8 +13,6 @@ dgan.repro=table3 and dgan.row=<row>, nested under one parent run that holds the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import statistics
 import time
@@ -23,8 +21,9 @@ from pathlib import Path
 
 from dgan.config import InspectorConfig, flatten
 from dgan.errors import DganError
+from dgan.events import ConsoleEvents, Events, FileEvents
 from dgan.io import atomic_write_text
-from dgan.train import checkpoint as ckpt
+from dgan.run import checkpoint as ckpt
 
 # Row name -> (label as printed, uses the synthetic sets, GRL on).
 ROWS: dict[str, tuple[str, bool, bool]] = {
@@ -127,14 +126,15 @@ def run_table3(
     synthetic: list[Path],
     seeds: int = 3,
     rows: list[str] | None = None,
-    log=print,
+    events: Events | None = None,
 ) -> Table3:
     """Run every row K times (seeds config.train.seed .. +K-1), print and write the table.
 
     Each run's output goes to <row>-s<seed>.log in runs/repro/NNNNN-table3/, beside table3.json.
     """
+    events = events or ConsoleEvents()
     from dgan.data import ensure_demo_dataset
-    from dgan.tracking import Tracker
+    from dgan.tracking.tracker import Tracker
     from dgan.train.inspector import read_data, run_inspector
 
     rows = rows or list(ROWS)
@@ -155,7 +155,7 @@ def run_table3(
     data = read_data(
         config.model_copy(update={"data": config.data.model_copy(update={"synthetic": synthetic})}),
         check=True,
-        log=log,
+        events=events,
     )
     n_normal = sum(not any(s.labels) for s in data.train)
     setting = (
@@ -164,7 +164,7 @@ def run_table3(
         f"{len(data.train) - n_normal} defects"
         + (f", synthetic {len(data.synthetic)} images" if synthetic else "")
     )
-    log(setting)
+    events.info(setting)
     out_dir = ckpt.new_run_dir(config.log.run_root, "repro", "table3")
     parent = Tracker(
         enabled=True,
@@ -187,24 +187,24 @@ def run_table3(
                     "dgan.seed": str(seed),
                     "mlflow.parentRunId": parent.run_id,
                 }
-                t_run = time.perf_counter()
-                buffer = io.StringIO()
-                with contextlib.redirect_stdout(buffer):
-                    run_dir = run_inspector(
+                run_log = FileEvents(out_dir / f"{result.row}-s{seed}.log")
+                try:
+                    run = run_inspector(
                         row_config(config, result.row, synthetic, seed),
-                        quiet=True,
                         run_name=f"table3-{result.row}-s{seed}",
                         tags=tags,
                         check_data=False,
+                        events=run_log,
                     )
-                atomic_write_text(out_dir / f"{result.row}-s{seed}.log", buffer.getvalue())
-                accuracy = ckpt.read_status(run_dir)["test_multi_target_accuracy"]
+                finally:
+                    run_log.close()
+                accuracy = run.metrics["test_multi_target_accuracy"]
                 result.accuracies.append(accuracy)
-                result.run_dirs.append(run_dir)
-                result.seconds.append(time.perf_counter() - t_run)
-                log(
+                result.run_dirs.append(run.run_dir)
+                result.seconds.append(run.seconds)
+                events.info(
                     f"  {result.label}, seed {seed}: test multi-target accuracy "
-                    f"{100 * accuracy:.2f} % ({result.seconds[-1]:.0f} s, {run_dir})"
+                    f"{100 * accuracy:.2f} % ({run.seconds:.0f} s, {run.run_dir})"
                 )
             parent.log_metrics(
                 {f"{result.row}_mean": result.mean, f"{result.row}_std": result.std}, step=0

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from dgan.data import CODEBRIM_CLASSES, Sample
 from dgan.data.folder import write_labels
 from dgan.errors import DganError
+from dgan.events import ConsoleEvents, Events
 from dgan.metrics import synthesis
 from dgan.metrics.fid import (
     FeatureSet,
@@ -53,8 +54,8 @@ def make_dataset(root: Path, size: int = 32) -> Path:
 def trained(tmp_path_factory) -> SimpleNamespace:
     """A tiny generator and a tiny inspector trained on the same small set (seconds)."""
     from dgan.config import load_config
+    from dgan.train.gan import run_gan
     from dgan.train.inspector import run_inspector
-    from dgan.train.launch import run_gan
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -62,9 +63,9 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     data = make_dataset(root / "data")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = [f"log.run_root={root / 'runs'}", f"log.tracking_uri={uri}"]
-    gan = run_gan(tiny_gan_config(data, "train.iterations=5", *common), quiet=True)
+    gan = run_gan(tiny_gan_config(data, "train.iterations=5", *common), quiet=True).run_dir
     config = load_config("inspector", [], [*TINY_INSPECTOR_RUN, f"data.root={data}", *common])
-    inspector = run_inspector(config, quiet=True, check_data=False)
+    inspector = run_inspector(config, quiet=True, check_data=False).run_dir
     yield SimpleNamespace(root=root, data=data, uri=uri, gan=gan, inspector=inspector)
     torch.set_num_threads(threads)
 
@@ -168,7 +169,7 @@ class MeanColour(torch.nn.Module):
 
 
 def test_reference_statistics_are_cached_atomically_and_reused_without_reading_images(tmp_path):
-    from dgan.evaluation import reference_features
+    from dgan.evaluation.measure import reference_features
 
     files = [write_image(tmp_path / "real" / f"{i}.png", 16, seed=i) for i in range(6)]
     cache = tmp_path / "cache"
@@ -365,8 +366,8 @@ def test_eval_synth_without_inspector_says_what_it_skips(trained):
 def test_training_evaluator_uses_the_same_inputs_every_time(trained):
     from accelerate import Accelerator
 
-    from dgan.evaluation import TrainingEvaluator
-    from dgan.models.source import load_generator_from, resolve_model
+    from dgan.evaluation.periodic import TrainingEvaluator
+    from dgan.tracking.source import load_generator_from, resolve_model
 
     G, gan_config, classes = load_generator_from(resolve_model(trained.gan, "gan"))
     config = gan_config.model_copy(
@@ -377,7 +378,7 @@ def test_training_evaluator_uses_the_same_inputs_every_time(trained):
             "log": gan_config.log.model_copy(update={"run_root": trained.root / "runs"}),
         }
     )
-    evaluator = TrainingEvaluator(config, classes, Accelerator(cpu=True), log=lambda _: None)
+    evaluator = TrainingEvaluator(config, classes, Accelerator(cpu=True), Events())
     first, second = evaluator(G), evaluator(G)
     first.pop("eval_seconds"), second.pop("eval_seconds")
     assert first == second
@@ -388,15 +389,15 @@ def test_training_evaluator_uses_the_same_inputs_every_time(trained):
 def test_training_logs_evaluation_metrics_with_their_step_to_mlflow(trained):
     import mlflow
 
-    from dgan.train import checkpoint as ckpt
-    from dgan.train.launch import run_gan
+    from dgan.run import checkpoint as ckpt
+    from dgan.train.gan import run_gan
 
     config = tiny_gan_config(
         trained.data, "train.iterations=10", "log.eval_every=5", "eval.n=6",
         f"eval.inspector={trained.inspector}", f"log.run_root={trained.root / 'runs'}",
         f"log.tracking_uri={trained.uri}",
     )  # fmt: skip
-    run_dir = run_gan(config, quiet=True)
+    run_dir = run_gan(config, quiet=True).run_dir
     client = mlflow.MlflowClient(trained.uri)
     run_id = ckpt.read_status(run_dir)["mlflow_run_id"]
     for name in (
@@ -409,7 +410,7 @@ def test_training_logs_evaluation_metrics_with_their_step_to_mlflow(trained):
 
 
 def test_a_run_asking_for_an_unusable_evaluation_is_refused_before_it_starts(trained, tmp_path):
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
     runs = tmp_path / "runs"
     config = tiny_gan_config(
@@ -434,13 +435,15 @@ SHARDED_EVALUATION = """
 import json, sys
 from accelerate import Accelerator
 from dgan.config import load_config
-from dgan.evaluation import TrainingEvaluator
+from dgan.evaluation.periodic import TrainingEvaluator
+from dgan.events import ConsoleEvents
 from dgan.models.export import load_generator
 
 accelerator = Accelerator(cpu=True)
 assert accelerator.num_processes == 2, accelerator.num_processes
 G, _, classes = load_generator(sys.argv[2])
-evaluator = TrainingEvaluator(load_config("gan", [sys.argv[1]]), classes, accelerator, print)
+config = load_config("gan", [sys.argv[1]])
+evaluator = TrainingEvaluator(config, classes, accelerator, ConsoleEvents())
 metrics = evaluator(G)
 if accelerator.is_main_process:
     print("METRICS " + json.dumps(metrics))
@@ -455,10 +458,10 @@ def test_evaluation_sharded_over_two_processes_equals_one_process(trained, tmp_p
     from accelerate import Accelerator
 
     from dgan.config import to_yaml
-    from dgan.evaluation import TrainingEvaluator
+    from dgan.evaluation.periodic import TrainingEvaluator
     from dgan.models import build_gan
     from dgan.models.export import save_generator
-    from dgan.train.launch import free_port
+    from dgan.run.launch import free_port
 
     # Noise injection off, so that outputs do not depend on how images fall into batches.
     config = tiny_gan_config(
@@ -485,7 +488,9 @@ def test_evaluation_sharded_over_two_processes_equals_one_process(trained, tmp_p
     single = config.model_copy(
         update={"log": config.log.model_copy(update={"run_root": tmp_path / "one"})}
     )
-    one = TrainingEvaluator(single, list(CODEBRIM_CLASSES), Accelerator(cpu=True), print)(G)
+    one = TrainingEvaluator(single, list(CODEBRIM_CLASSES), Accelerator(cpu=True), ConsoleEvents())(
+        G
+    )
     one.pop("eval_seconds"), two.pop("eval_seconds")
     assert two.keys() == one.keys() and "fid_inspector" in one and "fid_inspector_transfer" in one
     for k, v in one.items():

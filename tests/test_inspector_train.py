@@ -15,7 +15,7 @@ from fakes import make_folder_dataset
 from safetensors.torch import load_file
 
 from dgan.config import load_config
-from dgan.train import checkpoint as ckpt
+from dgan.run import checkpoint as ckpt
 from dgan.train.inspector import evaluate_inspector, run_inspector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_a_run_keeps_the_best_val_epoch_reports_its_test_metrics_and_logs_to_mlf
         tiny_folder, tracking_uri, "train.epochs=3", f"data.synthetic=[{synthetic_set}]",
         "log.log_model=true",
     )  # fmt: skip
-    run_dir = run_inspector(config, quiet=True)
+    run_dir = run_inspector(config, quiet=True).run_dir
     out = capsys.readouterr().out
     assert "class balance" in out and "train synthetic" in out
 
@@ -102,11 +102,15 @@ def test_resume_after_a_pause_ends_where_an_uninterrupted_run_ends(
     tiny_folder, synthetic_set, tracking_uri, workdir
 ):
     extra = (f"data.synthetic=[{synthetic_set}]",)  # the GRL schedule and the mixing, too
-    straight = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), quiet=True)
-    paused = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), quiet=True, stop_at=1)
+    straight = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), quiet=True).run_dir
+    paused = run_inspector(
+        tiny_config(tiny_folder, tracking_uri, *extra), quiet=True, stop_at=1
+    ).run_dir
     assert ckpt.read_status(paused)["state"] == "paused"
     assert [p.name for p in ckpt.list_checkpoints(paused)] == ["iter-00000006"]
-    resumed = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), resume=str(paused))
+    resumed = run_inspector(
+        tiny_config(tiny_folder, tracking_uri, *extra), resume=str(paused)
+    ).run_dir
     assert resumed == paused and ckpt.read_status(resumed)["state"] == "finished"
     a = torch.load(straight / "checkpoints" / "iter-00000012" / "state.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "iter-00000012" / "state.pt", weights_only=True)
@@ -126,7 +130,7 @@ def test_no_grl_trains_without_a_source_classifier_and_warns_of_classes_without_
     config = tiny_config(
         real, tracking_uri, "model.grl=false", f"data.synthetic=[{syn}]", "train.epochs=1"
     )
-    run_dir = run_inspector(config, quiet=True)
+    run_dir = run_inspector(config, quiet=True).run_dir
     out = capsys.readouterr().out
     warning = "warning: no training image is positive for efflorescence, exposed_bars, corrosion"
     assert warning in out
@@ -172,7 +176,9 @@ def test_cli_eval_prints_the_table_and_writes_json(tiny_folder, tracking_uri, wo
 
     import cli
 
-    run_dir = run_inspector(tiny_config(tiny_folder, tracking_uri, "train.epochs=1"), quiet=True)
+    run_dir = run_inspector(
+        tiny_config(tiny_folder, tracking_uri, "train.epochs=1"), quiet=True
+    ).run_dir
     out = workdir / "val.json"
     result = CliRunner().invoke(
         cli.app,
@@ -192,8 +198,9 @@ def test_repro_table3_runs_every_row_per_seed_and_tags_the_runs(
     from dgan.repro import run_table3
 
     config = tiny_config(tiny_folder, tracking_uri, "train.epochs=1")
-    lines: list[str] = []
-    table = run_table3(config, [synthetic_set], seeds=2, log=lines.append)
+    from dgan.events import CollectEvents
+
+    table = run_table3(config, [synthetic_set], seeds=2, events=CollectEvents())
     assert [r.row for r in table.rows] == ["real", "grl", "no-grl"]
     assert all(len(r.accuracies) == 2 for r in table.rows)
     text = table.format()
@@ -216,13 +223,19 @@ def test_two_processes_train_one_inspector_over_gloo(
     tiny_folder, synthetic_set, tracking_uri, workdir
 ):
     extra = (f"data.synthetic=[{synthetic_set}]", "train.epochs=1")
-    run_dir = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), gpus=2, quiet=True)
+    result = run_inspector(tiny_config(tiny_folder, tracking_uri, *extra), gpus=2, quiet=True)
+    run_dir = result.run_dir
     status = ckpt.read_status(run_dir)
     assert status["state"] == "finished" and status["source_classifier"] is True
     last = ckpt.list_checkpoints(run_dir)[-1]
     assert (last / "rng-1.pt").is_file()  # the second process ran and saved its RNG
     assert last.name == "iter-00000006"  # 24 images an epoch at a global batch of 4
     assert (run_dir / "inspector" / "model.safetensors").is_file()
+    # BatchNorm normalises each process's half batch, so the weights differ from a 1-process
+    # run's; the sharded test scoring must not: one process scores the exported model alike.
+    reported = {k: v for k, v in result.metrics.items() if k.startswith("test_")}
+    alone = evaluate_inspector(run_dir, tiny_folder, "test")
+    assert len(reported) > 5 and alone.metrics() == pytest.approx(reported)
 
 
 # Tiny nets: one torch thread (see conftest.one_thread).

@@ -5,8 +5,7 @@ import torch
 
 from dgan.errors import DganError
 from dgan.inference import deface, region_mask, restore
-from dgan.models.conv import Conv3x3
-from dgan.models.discriminator import Discriminator, DownConv, default_depth
+from dgan.models.discriminator import Discriminator, default_depth
 from dgan.models.generator import (
     SPADE,
     Generator,
@@ -14,6 +13,7 @@ from dgan.models.generator import (
     compose,
     control_map_from_labels,
 )
+from dgan.models.speedups import Conv3x3, DownConv
 
 C = 5
 
@@ -112,10 +112,17 @@ def test_deface_places_the_label_only_inside_the_asked_box():
     assert where.sum().item() == 8 * 4
     assert where[0, 0, 4:8, 2:10].min().item() == 1.0
     G = tiny()
-    images, masks = deface(
-        G, torch.zeros(1, 3, 16, 16), torch.eye(C)[:1], region=[[(2, 4, 10, 8)]], seed=0
-    )
+    seen = []
+    G.register_forward_pre_hook(lambda _, args: seen.append(args[1]))
+    normals, label = torch.zeros(1, 3, 16, 16), torch.eye(C)[:1]
+    images, masks = deface(G, normals, label, region=[[(2, 4, 10, 8)]], seed=0)
     assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)
+    # G is asked for the label inside the box and for "normal" (A = 0) everywhere else.
+    control = seen[0]
+    assert control.shape == (1, C, 16, 16)
+    assert torch.equal(control, label[:, :, None, None] * where)
+    everywhere, _ = deface(G, normals, label, seed=0)
+    assert not torch.equal(images, everywhere)  # the region changes what G draws
     restored, repaint = restore(G, images, seed=0)
     assert restored.shape == images.shape and repaint.shape == masks.shape
 

@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 from dgan.config import load_config
 from dgan.data import dataset_hash, open_dataset
 from dgan.errors import DganError
-from dgan.models import registry
-from dgan.train import checkpoint as ckpt
+from dgan.metrics.registry import metric_direction
+from dgan.run import checkpoint as ckpt
+from dgan.tracking import registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def invoke(*args: str):
     ],
 )
 def test_metric_direction_reads_accuracy_as_max_and_distances_and_losses_as_min(metric, direction):
-    assert registry.metric_direction(metric) == direction
+    assert metric_direction(metric) == direction
 
 
 def test_dataset_hash_follows_files_sizes_and_labels_not_the_location(tmp_path):
@@ -102,7 +103,7 @@ def test_dataset_hash_follows_files_sizes_and_labels_not_the_location(tmp_path):
 
 
 def test_run_tags_hash_the_training_settings_not_where_a_run_logs_or_its_data_lives(tmp_path):
-    from dgan.tracking import run_tags
+    from dgan.tracking.tracker import run_tags
 
     a = tiny_gan_config(tmp_path / "data", "log.tracking_uri=sqlite:///a.db")
     moved = tiny_gan_config(tmp_path / "elsewhere", "log.run_root=/tmp/r", "data.num_workers=1")
@@ -129,10 +130,10 @@ def test_promotion_settings_are_checked_before_any_work():
 def test_two_gan_runs_register_versions_1_and_2_of_defect_gan_with_their_tags(
     tiny_folder, workdir, one_thread, capsys
 ):
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
     config = tiny_gan_config(tiny_folder, "train.iterations=5", "log.log_model=true")
-    runs = [run_gan(config, quiet=True), run_gan(config, quiet=True)]
+    runs = [run_gan(config, quiet=True).run_dir, run_gan(config, quiet=True).run_dir]
     assert "registered models:/defect-gan/2" in capsys.readouterr().out
 
     client = client_for("sqlite:///mlflow.db")
@@ -208,7 +209,9 @@ def test_inspector_champion_follows_the_better_logged_val_accuracy_and_loads_by_
     client = client_for(store)
     logged, champions = [], []
     for epochs in (1, 3):
-        run_dir = run_inspector(load_config("inspector", [], [*common, f"train.epochs={epochs}"]))
+        run_dir = run_inspector(
+            load_config("inspector", [], [*common, f"train.epochs={epochs}"])
+        ).run_dir
         status = ckpt.read_status(run_dir)
         run = client.get_run(status["mlflow_run_id"])
         logged.append(run.data.metrics["best_val_multi_target_accuracy"])  # what training logged
@@ -299,7 +302,7 @@ def test_a_model_uri_that_does_not_resolve_exits_with_a_message_and_no_traceback
 
 
 def test_an_unreachable_tracking_server_is_named(tmp_path):
-    from dgan.train.launch import free_port
+    from dgan.run.launch import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     for args in (["models", "list"], ["models", "promote", "defect-gan", "1"],
@@ -361,7 +364,7 @@ def _stop(server: subprocess.Popen) -> None:
 def test_two_runs_versions_and_champion_reach_a_real_mlflow_server(
     tiny_folder, tmp_path, monkeypatch
 ):
-    from dgan.train.launch import free_port
+    from dgan.run.launch import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -433,7 +436,7 @@ def test_two_runs_versions_and_champion_reach_a_real_mlflow_server(
         assert ("not promoted" in outputs[1]) is (expected == "1")
 
         # The champion loads back over HTTP, from safetensors.
-        from dgan.models.source import load_generator_from, resolve_model
+        from dgan.tracking.source import load_generator_from, resolve_model
 
         monkeypatch.setenv("DGAN_MODEL_CACHE", str(tmp_path / "cache"))
         source = resolve_model("models:/defect-gan@champion", "gan", tracking_uri=base)

@@ -22,6 +22,7 @@ from dgan.config import load_config
 from dgan.data import open_dataset
 from dgan.data.inspector import read_synthetic
 from dgan.errors import DganError
+from dgan.events import CollectEvents, Events
 from dgan.synth.output import CHUNK
 from dgan.synth.run import SynthItems, prepare_job, run_synth
 
@@ -33,7 +34,7 @@ CLASSES = ["crack", "spallation", "efflorescence", "exposed_bars", "corrosion_st
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A tiny generator trained a few iterations, logged to MLflow with its model."""
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
     base = tmp_path_factory.mktemp("gan")
     data = make_folder_dataset(base / "data", n_normal=12, n_defect=12, size=32)
@@ -43,7 +44,7 @@ def trained(tmp_path_factory) -> dict:
         "log.log_model=true",
     )  # fmt: skip
     torch.set_num_threads(1)
-    run_dir = run_gan(config, quiet=True)
+    run_dir = run_gan(config, quiet=True).run_dir
     status = json.loads((run_dir / "status.json").read_text())
     return {"run": run_dir, "data": data, "tracking_uri": uri, "model_uri": status["model_uri"]}
 
@@ -92,8 +93,8 @@ def test_a_set_has_exactly_n_images_masks_restored_normals_and_a_manifest_reader
     trained, tmp_path, one_thread
 ):
     out = tmp_path / "synth"
-    result = run_synth(synth_config(trained, out, "n=37"), quiet=True, log=lambda *_: None)
-    assert result.written == 37
+    result = run_synth(synth_config(trained, out, "n=37"), events=Events())
+    assert result.metrics["written"] == 37
     assert_complete(out, 37)
     rows = manifest(out)
     assert {r["generator"] for r in rows} == {str((trained["run"] / "generator").resolve())}
@@ -108,13 +109,13 @@ def test_a_set_has_exactly_n_images_masks_restored_normals_and_a_manifest_reader
 
 def test_image_i_depends_only_on_seed_and_i_not_on_batch_size(trained, tmp_path, one_thread):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_synth(synth_config(trained, a, "n=20", "batch_size=3"), quiet=True, log=lambda *_: None)
-    run_synth(synth_config(trained, b, "n=20", "batch_size=16"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, a, "n=20", "batch_size=3"), events=Events())
+    run_synth(synth_config(trained, b, "n=20", "batch_size=16"), events=Events())
     for sub in ("defect", "masks", "normal"):
         assert files(a / sub) == files(b / sub)
     assert (a / "manifest.csv").read_bytes() == (b / "manifest.csv").read_bytes()
     c = tmp_path / "c"
-    run_synth(synth_config(trained, c, "n=20", "seed=1"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, c, "n=20", "seed=1"), events=Events())
     assert files(c / "defect") != files(a / "defect")
 
 
@@ -128,6 +129,8 @@ def test_two_processes_write_the_same_set_as_one(trained, tmp_path):
         "synth", *args, "--out", str(two), "--gpus", "2", "--batch-size", "24", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
+    assert "2 processes" in result.stdout  # the main worker's own account
+    assert json.loads((two / "result.json").read_text())["metrics"]["processes"] == 2
     assert_complete(two, n)
     for sub in ("defect", "masks", "normal"):
         assert files(one / sub) == files(two / sub)
@@ -182,19 +185,19 @@ def test_killed_at_any_moment_a_rerun_completes_to_exactly_n_images(trained, tmp
     clean = tmp_path / "clean"
     cfg = synth_config(trained, clean, f"n={n}", "batch_size=64")
     torch.set_num_threads(1)
-    run_synth(cfg, quiet=True, log=lambda *_: None)
+    run_synth(cfg, events=Events())
     assert files(out / "defect") == files(clean / "defect")  # resumed == uninterrupted
     assert files(out / "normal") == files(clean / "normal")
 
 
 def test_rerunning_a_finished_set_writes_nothing(trained, tmp_path, one_thread):
     out = tmp_path / "synth"
-    run_synth(synth_config(trained, out, "n=10"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, out, "n=10"), events=Events())
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    messages = []
-    result = run_synth(synth_config(trained, out, "n=10"), quiet=True, log=messages.append)
-    assert result.already_done and result.written == 0
-    assert "nothing to do" in messages[-1]
+    said = CollectEvents()
+    result = run_synth(synth_config(trained, out, "n=10"), events=said)
+    assert result.state == "finished" and result.metrics["written"] == 0
+    assert "nothing to do" in said.lines[-1]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
@@ -211,33 +214,33 @@ def test_rerunning_into_a_set_with_other_settings_refuses_and_touches_nothing(
     trained, tmp_path, one_thread, change, named
 ):
     out = tmp_path / "synth"
-    run_synth(synth_config(trained, out, "n=10"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, out, "n=10"), events=Events())
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(DganError, match=rf"different synthesized set \(.*{named}: "):
-        run_synth(synth_config(trained, out, "n=10", change), quiet=True, log=lambda *_: None)
+        run_synth(synth_config(trained, out, "n=10", change), events=Events())
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
 
 def test_a_generator_from_another_run_is_refused_in_the_same_directory(
     trained, tmp_path, one_thread
 ):
-    from dgan.train.launch import run_gan
+    from dgan.train.gan import run_gan
 
     out = tmp_path / "synth"
-    run_synth(synth_config(trained, out, "n=5"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, out, "n=5"), events=Events())
     config = tiny_gan_config(
         trained["data"], "train.iterations=2", f"log.run_root={tmp_path / 'runs'}",
         f"log.tracking_uri={trained['tracking_uri']}", "train.seed=9",
     )  # fmt: skip
-    other = run_gan(config, quiet=True)
+    other = run_gan(config, quiet=True).run_dir
     cfg = synth_config(trained, out, "n=5", f"generator={other}")
     with pytest.raises(DganError, match="different synthesized set.*generator"):
-        run_synth(cfg, quiet=True, log=lambda *_: None)
+        run_synth(cfg, events=Events())
 
 
 def test_default_labels_follow_the_training_label_sets(trained, tmp_path, one_thread):
     out = tmp_path / "synth"
-    run_synth(synth_config(trained, out, "n=60"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, out, "n=60"), events=Events())
     real = {
         frozenset(c for c, v in zip(CLASSES, s.labels, strict=True) if v)
         for s in open_dataset(trained["data"]).select("train", normal=False)
@@ -251,18 +254,18 @@ def test_default_labels_follow_the_training_label_sets(trained, tmp_path, one_th
 def test_classes_fix_the_labels_and_per_class_balances_them(trained, tmp_path, one_thread):
     fixed = tmp_path / "fixed"
     cfg = synth_config(trained, fixed, "n=12", "classes=[crack, efflorescence]")
-    run_synth(cfg, quiet=True, log=lambda *_: None)
+    run_synth(cfg, events=Events())
     assert {r["labels"] for r in manifest(fixed)} == {"crack+efflorescence"}
 
     balanced = tmp_path / "balanced"
-    run_synth(synth_config(trained, balanced, "per_class=3"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, balanced, "per_class=3"), events=Events())
     counts = {}
     for r in manifest(balanced):
         counts[r["labels"]] = counts.get(r["labels"], 0) + 1
     assert counts == {c: 3 for c in CLASSES}
 
     with pytest.raises(DganError, match="makes 15 images, but --n is 10"):
-        run_synth(synth_config(trained, tmp_path / "x", "per_class=3", "n=10"), log=print)
+        run_synth(synth_config(trained, tmp_path / "x", "per_class=3", "n=10"), events=Events())
 
 
 def test_regions_random_boxes_box_files_and_mask_directories(trained, tmp_path, one_thread):
@@ -276,7 +279,7 @@ def test_regions_random_boxes_box_files_and_mask_directories(trained, tmp_path, 
     assert items[1]["region"][0].numpy().sum() == 64 and np.array_equal(
         items[2]["region"], items[0]["region"]
     )
-    run_synth(cfg, quiet=True, log=lambda *_: None)
+    run_synth(cfg, events=Events())
     assert [r["region"] for r in manifest(tmp_path / "b")][:2] == [
         "boxes:0,0,8,8;10,10,16,16",
         "boxes:4,4,12,12",
@@ -303,13 +306,13 @@ def test_an_mlflow_model_uri_gives_the_same_set_as_the_run_directory(
 ):
     monkeypatch.setenv("DGAN_MODEL_CACHE", str(tmp_path / "cache"))
     by_run = tmp_path / "run"
-    run_synth(synth_config(trained, by_run, "n=6"), quiet=True, log=lambda *_: None)
+    run_synth(synth_config(trained, by_run, "n=6"), events=Events())
     by_uri = tmp_path / "uri"
     cfg = synth_config(
         trained, by_uri, "n=6", f"generator={trained['model_uri']}",
         f"tracking_uri={trained['tracking_uri']}",
     )  # fmt: skip
-    run_synth(cfg, quiet=True, log=lambda *_: None)
+    run_synth(cfg, events=Events())
     assert files(by_run / "defect") == files(by_uri / "defect")
     assert {r["generator"] for r in manifest(by_uri)} == {trained["model_uri"]}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,32 @@ from conftest import TINY_GAN, tiny_gan_config
 
 from dgan import losses
 from dgan.errors import DganError
-from dgan.train import checkpoint as ckpt
-from dgan.train.launch import run_gan
+from dgan.run import checkpoint as ckpt
+from dgan.train.gan import run_gan
 
 DGAN = [sys.executable, "-m", "cli"]
 REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for_line(stream, wanted, timeout: float) -> str:
+    """The first line of `stream` for which `wanted` is true, read on a thread: the test fails
+    after `timeout` seconds, or when the stream ends first, instead of hanging."""
+    found: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            if wanted(line):
+                found.put(line)
+                return
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = found.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"no awaited line within {timeout} s")
+    assert line is not None, "the process ended before printing the awaited line"
+    return line
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +54,7 @@ def test_a_run_writes_config_checkpoints_samples_generator_and_mlflow_metrics(ti
     config = tiny_gan_config(
         tiny_folder, "train.iterations=10", "log.keep_checkpoints=1", "log.log_model=true"
     )
-    run_dir = run_gan(config, quiet=True)
+    run_dir = run_gan(config, quiet=True).run_dir
     assert (run_dir / "config.yaml").read_text().count("image_size: 16") == 1
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["iter-00000010"]  # last K=1 kept
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
@@ -68,12 +91,12 @@ def test_a_run_writes_config_checkpoints_samples_generator_and_mlflow_metrics(ti
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_folder, workdir):
     # Noise injection and random target regions on: all randomness must resume exactly.
     extra = ("train.iterations=10", "train.random_region_prob=0.5")
-    straight = run_gan(tiny_gan_config(tiny_folder, *extra), quiet=True)
+    straight = run_gan(tiny_gan_config(tiny_folder, *extra), quiet=True).run_dir
     config = tiny_gan_config(tiny_folder, *extra, "log.checkpoint_every=3")
-    first = run_gan(config, quiet=True, stop_at=5)
+    first = run_gan(config, quiet=True, stop_at=5).run_dir
     assert ckpt.read_status(first)["state"] == "paused"
     assert ckpt.checkpoint_iteration(ckpt.list_checkpoints(first)[-1]) == 5
-    resumed = run_gan(config, resume=str(first), quiet=True)
+    resumed = run_gan(config, resume=str(first), quiet=True).run_dir
     assert resumed == first
     a = weights(straight / "checkpoints" / "iter-00000010")
     b = weights(resumed / "checkpoints" / "iter-00000010")
@@ -105,7 +128,7 @@ def test_non_finite_loss_stops_with_the_iteration_and_term_and_keeps_last_good_c
 
 
 def test_incompatible_checkpoint_is_refused_naming_the_differing_keys(tiny_folder, workdir):
-    first = run_gan(tiny_gan_config(tiny_folder, "train.iterations=5"), quiet=True)
+    first = run_gan(tiny_gan_config(tiny_folder, "train.iterations=5"), quiet=True).run_dir
     other = tiny_gan_config(tiny_folder, "train.iterations=10", "generator.conv_dim=16")
     with pytest.raises(DganError, match=r"generator.conv_dim: checkpoint 8, now 16"):
         run_gan(other, resume=str(first), quiet=True)
@@ -172,10 +195,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, work
         stderr=subprocess.PIPE,
         text=True,
     )
-    for line in proc.stdout:  # wait until training is under way
-        if line.startswith(" 3/") or line.lstrip().startswith("3/"):
-            break
-    proc.send_signal(signal.SIGINT)
+    try:  # wait until training is under way; fail, not hang, when it never says so
+        wait_for_line(proc.stdout, lambda line: line.lstrip().startswith("3/"), timeout=120)
+    finally:
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted at iteration" in out
@@ -212,7 +235,7 @@ def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
     switch, weight, tiny_folder, workdir
 ):
     config = tiny_gan_config(tiny_folder, "train.iterations=5", switch)
-    run_dir = run_gan(config, quiet=True)
+    run_dir = run_gan(config, quiet=True).run_dir
     trained = weights(ckpt.list_checkpoints(run_dir)[-1])
     torch.manual_seed(config.train.seed)
     from dgan.models import build_gan
@@ -225,20 +248,20 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
     # The training loop runs G's first pass once on G's iterations and hands it to both steps;
     # that must be the very update of running it inside each step (noise off, same batch).
     from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
     from dgan.train.gan import (
-        _to_device,
         build_nets,
         d_step,
         first_pass,
         g_step,
         load_training_data,
-        make_accelerator,
+        to_device,
     )
 
     config = tiny_gan_config(tiny_folder, "generator.ani=false")
-    accelerator = make_accelerator(config, None)
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
     _, classes, stream = load_training_data(config)
-    batch = _to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
     initial = build_nets(config, len(classes), accelerator).G_raw.to_foreground.weight.clone()
     results = []
     for shared in (False, True):
@@ -264,19 +287,19 @@ def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
     # real defect. The term is D_cls on d' (not the restorations n') against all-zero labels,
     # before D's update, and d_total carries it at its weight; at 0 it is absent.
     from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
     from dgan.train.gan import (
-        _to_device,
         build_nets,
         d_step,
         first_pass,
         load_training_data,
-        make_accelerator,
+        to_device,
     )
 
     config = tiny_gan_config(tiny_folder, "generator.ani=false", f"loss.lambda_cls_fake_d={weight}")
-    accelerator = make_accelerator(config, None)
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
     _, classes, stream = load_training_data(config)
-    batch = _to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
     nets = build_nets(config, len(classes), accelerator)
     with torch.no_grad():
         fakes = first_pass(nets, batch, config).image

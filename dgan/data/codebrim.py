@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgan.data import CODEBRIM_CLASSES, IMAGE_SUFFIXES, DatasetIndex, Sample, image_files
+from dgan.data.index import CODEBRIM_CLASSES, IMAGE_SUFFIXES, DatasetIndex, Sample, image_files
 from dgan.errors import DganError
 
 CODEBRIM_SPLITS = ("train", "val", "test")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dgan.data import CODEBRIM_CLASSES, Sample
 from dgan.data.folder import write_labels
+from dgan.data.index import CODEBRIM_CLASSES, Sample
 from dgan.errors import DganError
 
 log = logging.getLogger(__name__)

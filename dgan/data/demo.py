@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dgan.data import CODEBRIM_CLASSES, DatasetIndex, Sample
 from dgan.data.folder import read_folder, write_labels
+from dgan.data.index import CODEBRIM_CLASSES, DatasetIndex, Sample
 from dgan.errors import DganError
 from dgan.io import atomic_save_image
 

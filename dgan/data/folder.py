@@ -16,7 +16,7 @@ import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from dgan.data import SPLITS, DatasetIndex, Sample
+from dgan.data.index import SPLITS, DatasetIndex, Sample
 from dgan.errors import DganError
 from dgan.io import atomic_write_text
 

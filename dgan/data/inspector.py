@@ -141,12 +141,12 @@ def load_inspection_data(
     defect_fraction: float | None = None,
     subsample_seed: int = 0,
     check: bool = True,
-    log=print,
+    events=None,
 ) -> InspectionData:
     """Read the real set and the synthesized sets; raise DganError on empty or mismatched data.
 
     With `check`, every image is decoded once first (`dgan data check`), so a bad file fails
-    here rather than mid-run. `log` receives notes (defect thinning).
+    here rather than mid-run. `events` receives notes (defect thinning).
     """
     index = _read_index(Path(root), check)
     classes = list(index.classes)
@@ -161,7 +161,8 @@ def load_inspection_data(
         )
         if kept == available and round(defect_fraction * n_normal) > available:
             note += f" (the fraction asks for {round(defect_fraction * n_normal)}; all are kept)"
-        log(f"{note}, {n_normal} normals")
+        if events is not None:
+            events.info(f"{note}, {n_normal} normals")
     data = InspectionData(
         classes=classes,
         train=_labelled(train_samples, range(len(classes))),

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgan.errors import DganError
+from dgan.events import Events
 
 INCEPTION_ENV = "DGAN_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -142,7 +143,7 @@ def open_inspector_features(
     spec: str, device: torch.device | str = "cpu", tracking_uri: str | None = None
 ) -> InspectorFeatures:
     """The inspector named by `spec` (run dir, model dir, checkpoint or MLflow URI), frozen."""
-    from dgan.models.source import load_inspector_from, resolve_model
+    from dgan.tracking.source import load_inspector_from, resolve_model
 
     source = resolve_model(spec, "inspector", tracking_uri=tracking_uri)
     model, config, classes = load_inspector_from(source)  # safetensors refuses "cpu:0"
@@ -155,11 +156,12 @@ def open_extractors(
     inspector: str | None,
     device: torch.device | str = "cpu",
     tracking_uri: str | None = None,
-    log=print,
+    events: Events | None = None,
     required: bool = True,
 ) -> tuple[InceptionFeatures | None, InspectorFeatures | None]:
     """The extractors available: standard Inception when its weights are given (verified), the
     inspector when named. Says which is used; refuses when there is neither and one is required."""
+    events = events or Events()
     weights = inception_weights_path(inception_weights)
     inception = InceptionFeatures(weights).to(device) if weights is not None else None
     frozen = open_inspector_features(inspector, device, tracking_uri) if inspector else None
@@ -173,7 +175,7 @@ def open_extractors(
             exit_code=2,
         )
     if inception is None:
-        log(
+        events.info(
             f"standard FID not computed: no Inception weights (--inception-weights or "
             f"{INCEPTION_ENV}); computing fid_inspector and kid_inspector on the features of "
             f"{frozen.description} instead."

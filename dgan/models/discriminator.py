@@ -11,33 +11,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-
-class DownConv(nn.Conv2d):
-    """D's 4x4 stride-2 conv. On a CPU, where its input map is small (8x8 or less: D's deep,
-    weight-heavy layers), it runs as an explicit im2col matrix product: a whole D update with the
-    penalty's double backward at 128 px, batch 4, went from 2.85 s to 1.98 s on 2 CPU cores.
-    Same parameters, same result."""
-
-    SMALL_MAP = 64  # input pixels at or below which the matrix product wins on a CPU
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 4, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        if x.device.type != "cpu" or h * w > self.SMALL_MAP:
-            return super().forward(x)
-        columns = F.unfold(x, 4, padding=1, stride=2)  # (B, C_in * 16, L)
-        # One 2-D product over (C_in * 16, B * L): a batched matmul would expand the weight to
-        # B copies in its input-gradient (G's step: 8 x 2048 x 16384 floats per layer).
-        positions = columns.shape[2]
-        columns = columns.transpose(0, 1).flatten(1)
-        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), columns)  # (C_out, B * L)
-        return y.view(-1, b, positions).transpose(0, 1).reshape(b, -1, h // 2, w // 2)
+from dgan.models.speedups import DownConv
 
 
 def default_depth(image_size: int) -> int:

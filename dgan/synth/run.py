@@ -2,8 +2,9 @@
 
 The pipeline keeps the generator busy: loader workers read and resize source normals ahead of
 it, the EMA generator runs in inference mode (bf16 and channels_last on a GPU), and a pool of
-writer threads encodes PNGs behind it. With `--gpus N`, N processes take every N-th chunk of
-indices; the parent merges their manifests. See dgan/synth/output.py for the on-disk contract.
+writer threads encodes PNGs behind it. With `--gpus N` (dgan.run.launch), N processes take
+every N-th chunk of indices; the main one merges their manifests. See dgan/synth/output.py for
+the on-disk contract.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,15 @@ from dgan.config import SynthConfig
 from dgan.data import DatasetIndex, image_files, open_dataset
 from dgan.data.loader import load_image, to_unit_range
 from dgan.errors import DganError
+from dgan.events import ConsoleEvents, Events
+from dgan.run.launch import (
+    main_only,
+    make_accelerator,
+    prepare_on_main,
+    spawn_workers,
+    under_launcher,
+)
+from dgan.run.result import JobResult
 from dgan.synth.output import CHUNK, SynthOutput, chunk_range, image_name, n_chunks, write_png
 from dgan.synth.plan import Labels, Plan, read_boxes, region_masks
 
@@ -209,7 +217,7 @@ def resolve_n(config: SynthConfig, labels: Labels) -> int:
 
 def prepare_job(config: SynthConfig) -> Job:
     """Resolve and check every input; nothing is written."""
-    from dgan.models.source import load_generator_from, resolve_model
+    from dgan.tracking.source import load_generator_from, resolve_model
 
     if config.region in ("boxes", "masks") and config.region_path is None:
         raise DganError(f"--region {config.region} needs a path: --region {config.region} PATH")
@@ -412,46 +420,58 @@ class Pipeline:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SynthResult:
-    out: Path
-    n: int
-    written: int
-    seconds: float
-    already_done: bool = False
+def run_synth(
+    config: SynthConfig, gpus: int = 1, quiet: bool = False, events: Events | None = None
+) -> JobResult:
+    """Synthesize config.n defect images into config.out, resuming whatever is already there.
 
-    @property
-    def images_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
-
-
-def run_synth(config: SynthConfig, gpus: int = 1, quiet: bool = False, log=print) -> SynthResult:
-    """Synthesize config.n defect images into config.out, resuming whatever is already there."""
+    One process, `gpus` processes through Accelerate's launcher (dgan.run.launch), or every
+    process of a launcher the user started. The result's metrics: images written this time
+    (`written`), `images_per_second` and `processes`.
+    """
     if gpus < 1:
         raise DganError(f"--gpus must be at least 1, got {gpus}", exit_code=2)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / accelerate launch
-        return _run_launched(config, quiet, log)
+    events = events or ConsoleEvents(quiet)
+    if under_launcher():  # started by torchrun / accelerate launch
+        accelerator = make_accelerator("synth", "no", int(os.environ["WORLD_SIZE"]))
+        return synthesize(config, accelerator, main_only(events, accelerator))
+    if gpus == 1:
+        return synthesize(config, make_accelerator("synth", "no", None), events)
+    job = prepare_job(config)  # every input checked before any worker starts
+    if open_output(job, SynthOutput(config.out)):
+        return _already_done(job, events)
+    return spawn_workers("synth", config.out, gpus, "no", ["--quiet"] if quiet else [])
+
+
+def open_output(job: Job, out: SynthOutput) -> bool:
+    """Claim the output for this set (its config pinned to the resolved generator) and make
+    its directories. True when the set is already complete."""
+    pinned = job.config.model_copy(update={"generator": job.generator_uri})
+    if out.open(job.identity(), json.loads(pinned.model_dump_json())):
+        return True
+    out.prepare()
+    return False
+
+
+def synthesize(config: SynthConfig, accelerator, events: Events) -> JobResult:
+    """Every process calls this; chunk c goes to process c mod N, the main one finalizes."""
     job = prepare_job(config)
     out = SynthOutput(config.out)
-    pinned = config.model_copy(update={"generator": job.generator_uri})  # workers load the same
-    if out.open(job.identity(), json.loads(pinned.model_dump_json())):
-        log(f"{config.out}: all {job.n} images are already there; nothing to do")
-        return SynthResult(config.out, job.n, 0, 0.0, already_done=True)
-    out.prepare()
+    if prepare_on_main(accelerator, lambda: open_output(job, out)):
+        return _already_done(job, events)
+    world, rank = accelerator.num_processes, accelerator.process_index
     pending = sorted(set(range(n_chunks(job.n))) - out.done_chunks())
     done_before = job.n - _count(pending, job.n)
-    log(
+    events.info(
         f"synthesizing {job.n} images ({done_before} already done) from {job.generator_uri} "
         f"into {config.out}: {job.size}px, region {config.region}, "
-        f"{gpus} process{'es' if gpus > 1 else ''}"
+        f"{world} process{'es' if world > 1 else ''}"
     )
+    mine = [c for c in pending if c % world == rank]
     t0 = time.perf_counter()
     try:
-        if gpus == 1:
-            written = _run_chunks(job, out, pending, job.n, done_before, quiet)
-        else:
-            _spawn(config.out, gpus, quiet)
-            written = job.n - done_before
+        own_before = done_before if world == 1 else 0
+        _run_chunks(job, out, mine, own_before + _count(mine, job.n), own_before, events)
     except KeyboardInterrupt:
         done = job.n - _count(sorted(set(range(n_chunks(job.n))) - out.done_chunks()), job.n)
         raise DganError(
@@ -459,9 +479,26 @@ def run_synth(config: SynthConfig, gpus: int = 1, quiet: bool = False, log=print
             "rerun the same command to continue",
             exit_code=130,
         ) from None
+    accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t0
-    out.finalize(job.n, job.classes, config.restored)
-    return SynthResult(config.out, job.n, written, seconds)
+    written = job.n - done_before
+    result = JobResult(
+        kind="synth", state="finished", run_dir=Path(config.out), step=job.n, total=job.n,
+        metrics={"written": written, "images_per_second": written / max(seconds, 1e-9),
+                 "processes": world},
+        seconds=seconds,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        out.finalize(job.n, job.classes, config.restored)
+        result.write(config.out)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _already_done(job: Job, events: Events) -> JobResult:
+    events.info(f"{job.config.out}: all {job.n} images are already there; nothing to do")
+    out = Path(job.config.out)
+    return JobResult("synth", "finished", out, job.n, job.n, metrics={"written": 0})
 
 
 def _count(chunks: list[int], n: int) -> int:
@@ -469,101 +506,32 @@ def _count(chunks: list[int], n: int) -> int:
 
 
 def _run_chunks(
-    job: Job, out: SynthOutput, chunks: list[int], total: int, done_before: int, quiet: bool
+    job: Job, out: SynthOutput, chunks: list[int], total: int, done_before: int, events: Events
 ) -> int:
-    from dgan.train.progress import Progress
-
-    progress = Progress(total, start=done_before, unit="img", quiet=quiet)
+    """Synthesize `chunks`, reporting progress at most every 0.5 s (10 s on plain output)."""
+    events.begin(done_before)
+    every = 0.5 if getattr(events, "live", False) else 10.0
     last = [time.perf_counter()]
 
     def report(written: int) -> None:
         now = time.perf_counter()
-        if now - last[0] >= (0.5 if progress.live else 10.0):
+        if now - last[0] >= every:
             last[0] = now
-            progress.update(done_before + written)
+            events.progress(done_before + written, total, unit="img")
 
     try:
         written = Pipeline(job, out, _device()).run(chunks, report)
-        progress.update(done_before + written)
+        events.progress(done_before + written, total, unit="img")
     finally:
-        progress.close()
+        events.close()
     return written
 
 
-def _run_launched(config: SynthConfig, quiet: bool, log) -> SynthResult:
-    """Every process of a user-started launcher runs this; chunk c goes to rank c mod N."""
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    job = prepare_job(config)
-    out = SynthOutput(config.out)
-    finished = [None]
-    if rank == 0:
-        finished[0] = out.open(job.identity(), json.loads(config.model_dump_json()))
-        if not finished[0]:
-            out.prepare()
-    dist.broadcast_object_list(finished)
-    if finished[0]:
-        return SynthResult(config.out, job.n, 0, 0.0, already_done=True)
-    t0 = time.perf_counter()
-    pending = sorted(set(range(n_chunks(job.n))) - out.done_chunks())
-    mine = [c for c in pending if c % world == rank]
-    written = _run_chunks(job, out, mine, _count(mine, job.n), 0, quiet or rank > 0)
-    dist.barrier()
-    if rank == 0:
-        out.finalize(job.n, job.classes, config.restored)
-    dist.barrier()
-    return SynthResult(config.out, job.n, written, time.perf_counter() - t0)
-
-
-def _spawn(out: Path, gpus: int, quiet: bool) -> None:
-    """N worker processes over the chunks of `out` (chunk c goes to process c mod N)."""
-    procs = []
-    for rank in range(gpus):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(gpus))
-        cmd = [sys.executable, "-m", "dgan.synth.run", "--out", str(out)]
-        cmd += ["--quiet"] if quiet or rank else []
-        procs.append(subprocess.Popen(cmd, env=env))
-    try:
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-    if any(codes):
-        raise DganError(
-            f"synthesis workers exited with codes {codes}; their output is above. "
-            "Rerun the same command to continue where they stopped."
-        )
-
-
-def _worker_main(argv: list[str] | None = None) -> int:
-    """One of `--gpus N` processes: the config comes from OUT/synth.json."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m dgan.synth.run")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    try:
-        out = SynthOutput(args.out)
-        meta = out.read_meta()
-        job = prepare_job(SynthConfig.model_validate(meta["config"]))
-        if job.identity() != meta["identity"]:
-            raise DganError(f"{args.out} changed while the workers started; rerun the command")
-        pending = sorted(set(range(n_chunks(job.n))) - out.done_chunks())
-        mine = [c for c in pending if c % world == rank]
-        _run_chunks(job, out, mine, _count(mine, job.n), 0, args.quiet)
-    except DganError as err:
-        print(f"error (process {rank}): {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main())
+def worker(out: Path, processes: int, events: Events, resume=None, stop_at=None) -> JobResult:
+    """One process of `dgan synth --gpus N` (dgan.run.launch): the config is OUT/synth.json's."""
+    meta = SynthOutput(out).read_meta()
+    if not meta:
+        raise DganError(f"{out} holds no synthesis settings (synth.json); rerun 'dgan synth'")
+    accelerator = make_accelerator("synth", "no", processes)
+    config = SynthConfig.model_validate(meta["config"])
+    return synthesize(config, accelerator, main_only(events, accelerator))

@@ -8,7 +8,6 @@ forwards: first [n | d] under [A_target | 0], then the results under [0 | A_real
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,19 @@ import torch
 from torch import Tensor
 
 from dgan import losses
-from dgan.config import GanConfig, config_hash, flatten, to_yaml
+from dgan.config import GanConfig
 from dgan.data import DatasetIndex, open_dataset
 from dgan.data.loader import UnpairedStream, gan_loader, select_classes, to_unit_range
 from dgan.errors import DganError
-from dgan.io import atomic_save_image, atomic_write_text
+from dgan.events import Events
+from dgan.io import atomic_save_image
 from dgan.models import build_gan
 from dgan.models.generator import Generator, GeneratorOutput, control_map_from_labels
-from dgan.train import checkpoint as ckpt
-from dgan.train.interrupt import InterruptFlag
-from dgan.train.progress import Progress
+from dgan.run.harness import Cadence, Export, TrainingJob
+from dgan.run.launch import launch_training, training_worker
+from dgan.run.result import JobResult
+from dgan.tracking import PYFUNC_DIR
 
-# Changing these keys between a checkpoint and a resume would change what the weights mean.
-COMPATIBLE_PREFIXES = ("log.", "eval.", "train.iterations", "data.num_workers", "data.root")
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_total")
 G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
@@ -233,26 +232,14 @@ def learning_rate(config: GanConfig, base: float, iteration: int) -> float:
     return base + (t.lr_end - base) * progress
 
 
+def ema_beta(config: GanConfig, iteration: int) -> float:
+    """0 (copy G) until ema_start, then ema_beta."""
+    return 0.0 if iteration <= config.train.ema_start else config.train.ema_beta
+
+
 # ---------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------
-
-
-def make_accelerator(config: GanConfig, expected_processes: int | None):
-    """An Accelerator for 1..N processes; the process count is checked, not assumed."""
-    from accelerate import Accelerator
-
-    # G and D hold no buffers (instance norm keeps no running stats), so DDP has none to sync.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision
-    )
-    if expected_processes is not None and accelerator.num_processes != expected_processes:
-        raise DganError(
-            f"asked for {expected_processes} processes but the launcher started "
-            f"{accelerator.num_processes}. On a CPU-only machine use 'dgan train gan --gpus N' "
-            "(it sets ACCELERATE_USE_CPU=1 and --multi_gpu), or torchrun --nproc_per_node N."
-        )
-    return accelerator
 
 
 def build_nets(config: GanConfig, num_classes: int, accelerator) -> Nets:
@@ -281,55 +268,10 @@ def build_nets(config: GanConfig, num_classes: int, accelerator) -> Nets:
     )
 
 
-def training_state(nets: Nets, config: GanConfig, classes: list[str], iteration: int) -> dict:
-    return {
-        "iteration": iteration,
-        "G": nets.G_raw.state_dict(),
-        "D": nets.D_raw.state_dict(),
-        "G_ema": nets.G_ema.state_dict() if nets.G_ema is not None else {},
-        "opt_G": nets.opt_G.state_dict(),
-        "opt_D": nets.opt_D.state_dict(),
-        "classes": classes,
-        "config_hash": config_hash(config, COMPATIBLE_PREFIXES),
-        "config_json": json.dumps(flatten(config)),
-    }
-
-
-def restore_state(
-    nets: Nets, state: dict, config: GanConfig, classes: list[str], where: Path
-) -> int:
-    """Load a checkpoint into `nets`; refuse one from an incompatible config or class list."""
-    if state.get("config_hash") != config_hash(config, COMPATIBLE_PREFIXES):
-        saved = json.loads(state.get("config_json", "{}"))
-        now = flatten(config)
-        diffs = [
-            f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now))
-            if not k.startswith(COMPATIBLE_PREFIXES) and saved.get(k) != now.get(k)
-        ]
-        raise DganError(
-            f"checkpoint {where} comes from an incompatible config:\n  "
-            + "\n  ".join(diffs or ["(unknown config)"])
-            + "\nResume with the run's own config (--config RUN/config.yaml) or start a new run."
-        )
-    if state.get("classes") != classes:
-        raise DganError(
-            f"checkpoint {where} was trained on classes {state.get('classes')}, "
-            f"the dataset now gives {classes}"
-        )
-    nets.G_raw.load_state_dict(state["G"])
-    nets.D_raw.load_state_dict(state["D"])
-    if nets.G_ema is not None:
-        nets.G_ema.load_state_dict(state["G_ema"])
-    nets.opt_G.load_state_dict(state["opt_G"])
-    nets.opt_D.load_state_dict(state["opt_D"])
-    return int(state["iteration"])
-
-
 def load_training_data(config: GanConfig) -> tuple[DatasetIndex, list[str], UnpairedStream]:
     """The index, the trained categories and the unpaired stream of the config's train split."""
     if config.data.root is None:
-        raise DganError("data.root is not set; the launcher resolves it (see launch.prepare_run)")
+        raise DganError("data.root is not set; the launcher resolves it (dgan.run.launch)")
     index = open_dataset(config.data.root)
     columns = select_classes(index, config.data.classes)
     classes = [index.classes[c] for c in columns]
@@ -347,219 +289,11 @@ def load_training_data(config: GanConfig) -> tuple[DatasetIndex, list[str], Unpa
     return index, classes, stream
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-
-def _fixed_samples(stream: UnpairedStream, device, count: int = 6) -> tuple[Tensor, Tensor]:
-    """The same normals and defects for every sample grid of a run."""
-    items = [stream[p] for p in range(count)]
-    normals = torch.stack([i["normal"] for i in items]).to(device)
-    defects = torch.stack([i["defect"] for i in items]).to(device)
-    return to_unit_range(normals), to_unit_range(defects)
-
-
-def _multi_label(classes: list[str]) -> list[str]:
-    """The multi-category row of the grid: spall + bars + corrosion when present (Fig. 5)."""
-    preferred = [c for c in ("spallation", "exposed_bars", "corrosion_stain") if c in classes]
-    return preferred if len(preferred) >= 2 else classes[:2]
-
-
-def train_gan(
-    config: GanConfig,
-    run_dir: Path,
-    resume: Path | None = None,
-    accelerator=None,
-    quiet: bool = False,
-    stop_at: int | None = None,
-) -> Path:
-    """Train Defect-GAN into `run_dir`; returns the run directory. All processes call this.
-
-    `stop_at` pauses the run at that iteration with a checkpoint (state "paused"), as a
-    scheduler preempting it would; `--resume` continues it on the same schedule.
-    """
-    accelerator = accelerator or make_accelerator(config, None)
-    main = accelerator.is_main_process
-    index, classes, stream = load_training_data(config)
-    nets = build_nets(config, len(classes), accelerator)
-    start = 0
-    status = ckpt.read_status(run_dir)
-    if resume is not None:
-        state, rng = ckpt.load_checkpoint(resume, accelerator.process_index)
-        start = restore_state(nets, state, config, classes, resume)
-        ckpt.restore_rng(rng, accelerator.device)
-    else:  # the noise-injection stream differs per process
-        torch.manual_seed(config.train.seed + accelerator.process_index)
-    if start >= config.train.iterations:
-        if main:
-            print(f"{run_dir}: already at iteration {start} of {config.train.iterations}.")
-        return run_dir
-
-    loader = gan_loader(
-        stream,
-        config.train.batch_size // 2,  # each stream position gives one normal and one defect
-        accelerator.process_index,
-        accelerator.num_processes,
-        start_step=start,
-        num_workers=config.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    tracker = _open_tracker(config, run_dir, status, main, index)
-    if main:
-        atomic_write_text(run_dir / "config.yaml", to_yaml(config))
-        ckpt.write_status(run_dir, state="running", classes=classes, mlflow_run_id=tracker.run_id)
-        (run_dir / "samples").mkdir(exist_ok=True)
-    grid_inputs = _fixed_samples(stream, accelerator.device)
-    evaluator = _open_evaluator(config, classes, accelerator, start)
-    progress = Progress(config.train.iterations, start, quiet=quiet) if main else None
-    interrupt = InterruptFlag()
-    sums: dict[str, Tensor] = {}
-    counts = {"d": 0, "g": 0}
-    first_bad = torch.full((len(D_TERMS) + len(G_TERMS),), -1, device=accelerator.device)
-    iteration = start
-    log = config.log
-    try:
-        batches = iter(loader)
-        for iteration in range(start + 1, config.train.iterations + 1):
-            batch = _to_device(next(batches), accelerator.device)
-            set_learning_rates(nets, config, iteration)
-            update_g = iteration % config.train.n_critic == 0
-            # On G's iterations, G's first pass is run once, with its graph, for both steps.
-            first = first_pass(nets, batch, config) if update_g else None
-            terms = d_step(nets, batch, config, accelerator, first)
-            counts["d"] += 1
-            if update_g:
-                terms |= g_step(nets, batch, config, accelerator, first)
-                counts["g"] += 1
-                if nets.G_ema is not None:
-                    beta = 0.0 if iteration <= config.train.ema_start else config.train.ema_beta
-                    update_ema(nets.G_ema, nets.G_raw, beta)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            first_bad = _track_non_finite(first_bad, terms, iteration)
-
-            if iteration % log.log_every == 0 or iteration == config.train.iterations:
-                _check_finite(first_bad)  # one host sync per log interval, not per step
-                metrics = _averages(sums, counts)
-                metrics["lr_g"] = nets.opt_G.param_groups[0]["lr"]
-                sums, counts = {}, {"d": 0, "g": 0}
-                if main:
-                    tracker.log_metrics(metrics, step=iteration)
-                    shown = {
-                        k: metrics[k]
-                        for k in ("d_adv", "g_adv", "g_cls_f", "g_rec", "mask_mean")
-                        if k in metrics
-                    }
-                    progress.update(iteration, shown)
-            if main and (iteration % log.sample_every == 0 or iteration == config.train.iterations):
-                _write_grid(nets, grid_inputs, classes, run_dir, iteration, tracker)
-            if evaluator is not None and iteration % log.eval_every == 0:
-                _evaluate(evaluator, nets, iteration, tracker, progress)
-            if iteration % log.checkpoint_every == 0 or iteration == config.train.iterations:
-                _check_finite(first_bad)
-                _save(accelerator, nets, config, classes, run_dir, iteration)
-            if interrupt.requested or iteration == stop_at:
-                break
-    except KeyboardInterrupt:
-        interrupt.requested = True
-    except DganError:
-        if main:
-            ckpt.write_status(run_dir, state="failed", iteration=iteration)
-            tracker.finish("FAILED")
-        raise
-    finally:
-        interrupt.restore()
-        if progress:
-            progress.close()
-
-    if interrupt.requested:
-        _check_finite(first_bad)
-        path = _save(accelerator, nets, config, classes, run_dir, iteration)
-        if main:
-            ckpt.write_status(run_dir, state="interrupted", iteration=iteration)
-            tracker.finish("KILLED")
-            print(
-                f"interrupted at iteration {iteration}; saved {path}. "
-                f"Continue with --resume {run_dir}"
-            )
-        raise KeyboardInterrupt
-    if iteration < config.train.iterations:  # paused by stop_at; its checkpoint is written
-        if iteration % log.checkpoint_every:
-            _save(accelerator, nets, config, classes, run_dir, iteration)
-        if main:
-            ckpt.write_status(run_dir, state="paused", iteration=iteration)
-            tracker.finish("FINISHED")
-        return run_dir
-    if main:
-        _finish(nets, config, classes, run_dir, tracker)
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+def to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     out["normal"] = to_unit_range(out["normal"])
     out["defect"] = to_unit_range(out["defect"])
     return out
-
-
-def _track_non_finite(first_bad: Tensor, terms: dict[str, Tensor], iteration: int) -> Tensor:
-    """Remember, per loss term and on the device, the first iteration it was NaN or inf."""
-    names = (*D_TERMS, *G_TERMS)
-    values = torch.stack(
-        [
-            terms[k].detach().float() if k in terms else first_bad.new_zeros((), dtype=torch.float)
-            for k in names
-        ]
-    )
-    bad = ~torch.isfinite(values)
-    return torch.where(bad & (first_bad < 0), torch.full_like(first_bad, iteration), first_bad)
-
-
-def _check_finite(first_bad: Tensor) -> None:
-    bad = first_bad.cpu().tolist()
-    hits = [(it, name) for it, name in zip(bad, (*D_TERMS, *G_TERMS), strict=True) if it >= 0]
-    if hits:
-        it, name = min(hits)
-        raise DganError(
-            f"training diverged: loss term {name} became NaN/inf at iteration {it}. "
-            "No checkpoint was written after it; the last good one is kept. Lower the learning "
-            "rates (train.lr_g, train.lr_d), or use mixed_precision=no, and resume from it."
-        )
-
-
-def _averages(sums: dict[str, Tensor], counts: dict[str, int]) -> dict[str, float]:
-    if not sums:
-        return {}
-    names = list(sums)
-    values = torch.stack([sums[k] for k in names]).cpu().tolist()
-    return {
-        k: v / max(1, counts["d" if k.startswith("d_") else "g"])
-        for k, v in zip(names, values, strict=True)
-    }
-
-
-def _save(accelerator, nets: Nets, config, classes, run_dir: Path, iteration: int) -> Path:
-    state = training_state(nets, config, classes, iteration) if accelerator.is_main_process else {}
-    return ckpt.save_checkpoint(accelerator, run_dir, iteration, state, config.log.keep_checkpoints)
-
-
-def _sampling_generator(nets: Nets) -> Generator:
-    return nets.G_ema if nets.G_ema is not None else nets.G_raw
-
-
-def _write_grid(nets: Nets, inputs, classes, run_dir: Path, iteration: int, tracker) -> None:
-    from dgan.grid import sample_grid
-
-    G = _sampling_generator(nets)
-    was_training = G.training
-    G.eval()
-    image = sample_grid(G, *inputs, classes, _multi_label(classes))
-    G.train(was_training)
-    path = run_dir / "samples" / f"iter-{iteration:08d}.png"
-    atomic_save_image(image, path)
-    tracker.log_artifact(path, "samples")
 
 
 def evaluation_due(config: GanConfig, start: int) -> bool:
@@ -568,63 +302,189 @@ def evaluation_due(config: GanConfig, start: int) -> bool:
     return every > 0 and config.train.iterations // every > start // every
 
 
-def _open_evaluator(config: GanConfig, classes: list[str], accelerator, start: int):
-    """The periodic evaluator on every process, or None when no evaluation falls in this run.
-
-    Its fixed inputs and the real references' statistics are prepared once, here."""
-    if not evaluation_due(config, start):
-        return None
-    from dgan.evaluation import TrainingEvaluator
-
-    return TrainingEvaluator(config, classes, accelerator)
+# ---------------------------------------------------------------------------------------------
+# The job: what the run harness (dgan.run.harness) needs of Defect-GAN
+# ---------------------------------------------------------------------------------------------
 
 
-def _evaluate(evaluator, nets: Nets, iteration: int, tracker, progress) -> None:
-    """Evaluate the sampling generator on every process (sharded); log on the main one."""
-    metrics = evaluator(_sampling_generator(nets))
-    if tracker.enabled:
-        tracker.log_metrics(metrics, step=iteration)
+class GanJob(TrainingJob):
+    """Defect-GAN training: nets and data are built here; the harness runs the lifecycle."""
+
+    kind = "gan"
+    step_name = "iteration"
+    resumable_keys = ("log.", "eval.", "train.iterations", "data.num_workers", "data.root")
+    guarded_terms = (*D_TERMS, *G_TERMS)
+    divergence_advice = (
+        "Lower the learning rates (train.lr_g, train.lr_d), or use mixed_precision=no, and "
+        "resume from it."
+    )
+
+    def __init__(self, config: GanConfig, accelerator, events: Events) -> None:
+        self.config, self.accelerator, self.events = config, accelerator, events
+        self.seed = config.train.seed
+        self.index, self.classes, self.stream = load_training_data(config)
+        self.nets = build_nets(config, len(self.classes), accelerator)
+        log = config.log
+        self.cadence = Cadence(
+            config.train.iterations, log.log_every, log.checkpoint_every, log.eval_every,
+            log.sample_every,
+        )  # fmt: skip
+        self.evaluator = None
+
+    def step(self, iteration: int, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One iteration of the Algorithm (Sec. 3.1, 4.1): D's update on Eq. 11; every
+        n_critic-th iteration also G's update on Eq. 12 through both cycles, then the EMA."""
+        nets, config, accelerator = self.nets, self.config, self.accelerator
+        batch = to_device(batch, accelerator.device)
+        set_learning_rates(nets, config, iteration)
+        update_g = iteration % config.train.n_critic == 0
+        first = first_pass(nets, batch, config) if update_g else None  # shared by both steps
+        terms = d_step(nets, batch, config, accelerator, first)
+        if update_g:
+            terms |= g_step(nets, batch, config, accelerator, first)
+            if nets.G_ema is not None:
+                update_ema(nets.G_ema, nets.G_raw, ema_beta(config, iteration))
+        return terms
+
+    def batches(self, start: int):
+        return gan_loader(
+            self.stream,
+            self.config.train.batch_size // 2,  # each stream position: one normal, one defect
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            start_step=start,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        nets = self.nets
+        return {
+            "G": nets.G_raw.state_dict(),
+            "D": nets.D_raw.state_dict(),
+            "G_ema": nets.G_ema.state_dict() if nets.G_ema is not None else {},
+            "opt_G": nets.opt_G.state_dict(),
+            "opt_D": nets.opt_D.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        nets = self.nets
+        nets.G_raw.load_state_dict(state["G"])
+        nets.D_raw.load_state_dict(state["D"])
+        if nets.G_ema is not None:
+            nets.G_ema.load_state_dict(state["G_ema"])
+        nets.opt_G.load_state_dict(state["opt_G"])
+        nets.opt_D.load_state_dict(state["opt_D"])
+
+    def begin(self, start: int, run_dir: Path) -> None:
+        """The fixed inputs of every sample grid, and the evaluator when one falls due."""
+        if self.accelerator.is_main_process:
+            (run_dir / "samples").mkdir(exist_ok=True)
+        self.grid_inputs = fixed_samples(self.stream, self.accelerator.device)
+        if evaluation_due(self.config, start):
+            from dgan.evaluation.periodic import TrainingEvaluator
+
+            self.evaluator = TrainingEvaluator(
+                self.config, self.classes, self.accelerator, self.events
+            )
+
+    def logged(self, step: int, means: dict[str, float]) -> dict[str, float]:
+        return {**means, "lr_g": self.nets.opt_G.param_groups[0]["lr"]}
+
+    def shown(self, step: int, logged: dict[str, float]) -> dict[str, float]:
+        keys = ("d_adv", "g_adv", "g_cls_f", "g_rec", "mask_mean")
+        return {k: logged[k] for k in keys if k in logged}
+
+    def evaluate(self, step: int, run_dir: Path) -> dict[str, float]:
+        """The sampling generator on the fixed eval sets, sharded over processes."""
+        if self.evaluator is None:
+            return {}
+        metrics = self.evaluator(self.sampling_generator())
         shown = ("fid", "fid_inspector", "category_accuracy", "background_change",
                  "spatial_precision", "diversity_l1")  # fmt: skip
         line = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
-        if progress is not None and progress.live:
-            progress.close()
-        print(f"evaluation at iteration {iteration}: {line}", flush=True)
+        self.events.info(f"evaluation at iteration {step}: {line}")
+        return metrics
+
+    def sampling_generator(self) -> Generator:
+        return self.nets.G_ema if self.nets.G_ema is not None else self.nets.G_raw
+
+    def write_samples(self, step: int, run_dir: Path) -> Path:
+        from dgan.grid import sample_grid
+
+        G = self.sampling_generator()
+        was_training = G.training
+        G.eval()
+        image = sample_grid(G, *self.grid_inputs, self.classes, multi_label_row(self.classes))
+        G.train(was_training)
+        path = run_dir / "samples" / f"iter-{step:08d}.png"
+        atomic_save_image(image, path)
+        return path
+
+    def finish(self, run_dir: Path) -> Export | None:
+        if not self.accelerator.is_main_process:
+            return None
+        from dgan.models.export import save_generator
+
+        G = self.sampling_generator()
+        model_dir = save_generator(G, self.config, self.classes, run_dir / "generator")
+        return Export(model_dir, PYFUNC_DIR / "pyfunc_generator.py", "generator")
+
+    def version_metrics(self, final: dict[str, float]) -> dict[str, float]:
+        from dgan.tracking.registry import gan_key_metrics
+
+        return gan_key_metrics(final)
+
+    def dataset_hash(self) -> str:
+        from dgan.data import dataset_hash
+
+        return dataset_hash(self.index)
+
+    # -- checks before a run directory exists (dgan.run.launch.prepare_run) ---------------------
+
+    @staticmethod
+    def check_config(config: GanConfig) -> GanConfig:
+        return config
+
+    @staticmethod
+    def check_data(config: GanConfig, start: int, decode: bool = True) -> None:
+        """The data is usable, the categories exist, and the evaluation asked for can run."""
+        from dgan.data.check import require_usable
+
+        index = require_usable(config.data.root)
+        if config.data.classes:
+            select_classes(index, config.data.classes)
+        if evaluation_due(config, start):
+            from dgan.evaluation.periodic import check_evaluation
+
+            check_evaluation(config, index)
 
 
-def _open_tracker(config: GanConfig, run_dir: Path, status: dict, main: bool, index):
-    from dgan.data import dataset_hash
-    from dgan.tracking import Tracker, run_tags
-
-    resumed = status.get("mlflow_run_id") is not None  # the run keeps the tags it was made with
-    return Tracker(
-        enabled=main,
-        uri=config.log.tracking_uri,
-        experiment=config.log.experiment,
-        run_name=run_dir.name,
-        params=flatten(config),
-        tags=None if resumed or not main else run_tags("gan", config, run_dir, dataset_hash(index)),
-        run_id=status.get("mlflow_run_id"),
-    )
+def fixed_samples(stream: UnpairedStream, device, count: int = 6) -> tuple[Tensor, Tensor]:
+    """The same normals and defects for every sample grid of a run."""
+    items = [stream[p] for p in range(count)]
+    normals = torch.stack([i["normal"] for i in items]).to(device)
+    defects = torch.stack([i["defect"] for i in items]).to(device)
+    return to_unit_range(normals), to_unit_range(defects)
 
 
-def _finish(nets: Nets, config: GanConfig, classes: list[str], run_dir: Path, tracker) -> None:
-    from dgan.models.export import save_generator
+def multi_label_row(classes: list[str]) -> list[str]:
+    """The multi-category row of the grid: spall + bars + corrosion when present (Fig. 5)."""
+    preferred = [c for c in ("spallation", "exposed_bars", "corrosion_stain") if c in classes]
+    return preferred if len(preferred) >= 2 else classes[:2]
 
-    model_dir = save_generator(_sampling_generator(nets), config, classes, run_dir / "generator")
-    model_uri = None
-    if config.log.log_model:
-        code = Path(__file__).parents[1] / "models" / "mlflow_generator.py"  # not imported here
-        model_uri = tracker.log_code_model("generator", code, {"generator": model_dir})
-    ckpt.write_status(
-        run_dir, state="finished", iteration=config.train.iterations, model_uri=model_uri
-    )
-    tracker.finish("FINISHED")
-    if model_uri is not None:
-        from dgan.models.registry import gan_key_metrics, register_run_model
 
-        metrics = gan_key_metrics(tracker.latest_metrics())
-        if registration := register_run_model(tracker, model_uri, config.log, metrics):
-            for line in registration.lines():
-                print(line, flush=True)
-            ckpt.write_status(run_dir, **registration.status_fields())
+def run_gan(config: GanConfig, resume: str | None = None, gpus: int = 1, **options) -> JobResult:
+    """Train Defect-GAN on `gpus` processes; returns the typed result.
+
+    `options` are dgan.run.launch.launch_training's: run_name, quiet, events, and `callback`,
+    which receives every log, evaluation and checkpoint and may ask for a checkpoint or a stop;
+    `stop_at` pauses the run at that iteration with a checkpoint (state "paused"), as a
+    scheduler preempting it would, and `resume` continues it on the same schedule.
+    """
+    return launch_training(GanJob, config, resume, gpus, **{"run_name": "gan", **options})
+
+
+def worker(run_dir: Path, processes: int, events: Events, resume, stop_at) -> JobResult:
+    """One process of `dgan train gan --gpus N` (dgan.run.launch)."""
+    return training_worker(GanJob, run_dir, processes, events, resume, stop_at)

@@ -8,22 +8,22 @@ and scored on test at the end (Sec. 4.2: "We use the validation set to select th
 performing model and report the performance on the test set").
 
     runs/inspector/00003-<name>/
-        config.yaml, status.json, checkpoints/iter-<step>/   as for the GAN (dgan.train.checkpoint)
+        config.yaml, status.json, checkpoints/iter-<step>/   as for the GAN (dgan.run.checkpoint)
         inspector/{model.safetensors, config.yaml, classes.json, metrics.json}   the best epoch
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dgan.config import InspectorConfig, config_hash, flatten, to_yaml
+from dgan.config import InspectorConfig
 from dgan.data.inspector import (
     InspectionData,
     eval_loader,
@@ -33,16 +33,15 @@ from dgan.data.inspector import (
     train_loader,
 )
 from dgan.errors import DganError
+from dgan.events import Events
 from dgan.io import atomic_write_text
 from dgan.metrics.classification import InspectionMetrics, InspectionReport
 from dgan.models.inspector import Inspector, build_inspector, grl_alpha, save_inspector
-from dgan.train import checkpoint as ckpt
-from dgan.train.interrupt import InterruptFlag
-from dgan.train.launch import prepare_on_main, spawn_workers, under_launcher
-from dgan.train.progress import Progress
+from dgan.run.harness import Cadence, Export, TrainingJob
+from dgan.run.launch import launch_training, training_worker
+from dgan.run.result import JobResult
+from dgan.tracking import PYFUNC_DIR
 
-# Changing these keys between a checkpoint and a resume would not change what the weights mean.
-COMPATIBLE_PREFIXES = ("log.", "train.epochs", "data.num_workers", "data.root")
 SHOWN = ("loss_cls", "loss_src", "source_accuracy")
 
 
@@ -94,27 +93,6 @@ def random_flip(images: Tensor) -> Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-class RunningMeans:
-    """Per-term sums kept on the device, so logging syncs with the host once per interval."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-
-    def add(self, terms: dict[str, Tensor]) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0) + v
-        self.count += 1
-
-    def pop(self) -> dict[str, float]:
-        """The means since the last pop, then reset."""
-        names = list(self.sums)
-        values = torch.stack([self.sums[k] for k in names]).cpu().tolist() if names else []
-        means = {k: v / max(1, self.count) for k, v in zip(names, values, strict=True)}
-        self.sums, self.count = {}, 0
-        return means
-
-
 @torch.no_grad()
 def evaluate(
     model: Inspector, loader, metrics: InspectionMetrics, device, split: str
@@ -130,110 +108,20 @@ def evaluate(
     return metrics.compute(split)
 
 
-# ---------------------------------------------------------------------------------------------
-# Setup
-# ---------------------------------------------------------------------------------------------
-
-
-def make_accelerator(config: InspectorConfig, expected_processes: int | None):
-    """An Accelerator for 1..N processes; the process count is checked, not assumed."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision
-    )
-    if expected_processes is not None and accelerator.num_processes != expected_processes:
-        raise DganError(
-            f"asked for {expected_processes} processes but the launcher started "
-            f"{accelerator.num_processes}. On a CPU-only machine use 'dgan train inspector "
-            "--gpus N' (it sets ACCELERATE_USE_CPU=1 and --multi_gpu), or torchrun "
-            "--nproc_per_node N."
-        )
-    return accelerator
-
-
-def read_data(config: InspectorConfig, check: bool = False, log=print) -> InspectionData:
+def read_data(config: InspectorConfig, check: bool = False, events: Events | None = None):
     """The real and synthesized images the config names (data.root must be resolved)."""
     d = config.data
     if d.root is None:
-        raise DganError("data.root is not set; prepare_inspector_run resolves it")
+        raise DganError("data.root is not set; the launcher resolves it (dgan.run.launch)")
     return load_inspection_data(
-        d.root, d.synthetic, d.synthetic_ratio, d.defect_fraction, d.subsample_seed, check, log
-    )
+        d.root, d.synthetic, d.synthetic_ratio, d.defect_fraction, d.subsample_seed, check,
+        events or Events(),
+    )  # fmt: skip
 
 
 def uses_source_classifier(config: InspectorConfig, data: InspectionData) -> bool:
     """f_src exists when GRL is on and there is something synthetic to tell apart from real."""
     return config.model.grl and data.synthetic_per_epoch > 0
-
-
-def prepare_inspector_run(
-    config: InspectorConfig,
-    resume: str | None,
-    run_name: str,
-    check_data: bool = True,
-    tags: dict[str, str] | None = None,
-) -> tuple[InspectorConfig, Path, Path | None]:
-    """Check everything before any work: data, synthetic sets, pretrained weights, resume target.
-
-    Then make the run directory. Returns (config with data.root resolved, run dir, checkpoint).
-    `tags` go onto the run's MLflow run.
-    """
-    from dgan.data import ensure_demo_dataset
-    from dgan.models.inspector import pretrained_hint
-
-    weights = config.model.pretrained
-    if weights is not None and not Path(weights).is_file():  # before any data is made
-        raise DganError(
-            f"--pretrained {weights}: no such file. {pretrained_hint(config.model.arch)}", 2
-        )
-    resume_path = None
-    if resume is not None:
-        resume_path = ckpt.resolve_resume(resume, config.log.run_root, "inspector")
-    if config.data.root is None:
-        data_cfg = config.data.model_copy(update={"root": ensure_demo_dataset()})
-        config = config.model_copy(update={"data": data_cfg})
-    data = read_data(config, check=check_data, log=lambda _: None)
-    if config.model.pretrained is not None:
-        build_inspector(config, len(data.classes), source_head=False)  # fails on a wrong file
-    if resume_path is not None:
-        return config, resume_path.parent.parent, resume_path
-    run_dir = ckpt.new_run_dir(config.log.run_root, "inspector", run_name)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(config))
-    ckpt.write_status(run_dir, state="created", mlflow_tags=dict(tags or {}))
-    return config, run_dir, None
-
-
-def run_inspector(
-    config: InspectorConfig,
-    resume: str | None = None,
-    gpus: int = 1,
-    quiet: bool = False,
-    run_name: str = "inspector",
-    stop_at: int | None = None,
-    tags: dict[str, str] | None = None,
-    check_data: bool = True,
-) -> Path:
-    """Train the inspector on `gpus` processes, as `run_gan` does the GAN. Returns the run dir.
-
-    `stop_at` pauses the run after that epoch with a checkpoint; `--resume` continues it.
-    `check_data=False` skips decoding every image first (for repeated runs on checked data).
-    """
-    if gpus < 1:
-        raise DganError(f"--gpus must be at least 1, got {gpus}", exit_code=2)
-    if under_launcher():
-        accelerator = make_accelerator(config, int(os.environ["WORLD_SIZE"]))
-        config, run_dir, resume_path = prepare_on_main(
-            accelerator, lambda: prepare_inspector_run(config, resume, run_name, check_data, tags)
-        )
-        return train_inspector(config, run_dir, resume_path, accelerator, quiet, stop_at)
-    config, run_dir, resume_path = prepare_inspector_run(config, resume, run_name, check_data, tags)
-    if gpus == 1:
-        return train_inspector(config, run_dir, resume_path, quiet=quiet, stop_at=stop_at)
-    spawn_workers(
-        "inspector", run_dir, resume_path, gpus, config.train.mixed_precision, quiet, stop_at
-    )
-    return run_dir
 
 
 @dataclass
@@ -244,238 +132,214 @@ class Best:
     score: float = -1.0
 
 
-def training_state(model, optimizer, config, classes, step: int, best: Best) -> dict:
-    return {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "classes": classes,
-        "best_epoch": best.epoch,
-        "best_score": best.score,
-        "config_hash": config_hash(config, COMPATIBLE_PREFIXES),
-        "config_json": json.dumps(flatten(config)),
-    }
-
-
-def restore_state(model, optimizer, state: dict, config, classes, where: Path) -> tuple[int, Best]:
-    """Load a checkpoint; refuse one from an incompatible config or class list."""
-    if state.get("config_hash") != config_hash(config, COMPATIBLE_PREFIXES):
-        saved, now = json.loads(state.get("config_json", "{}")), flatten(config)
-        diffs = [
-            f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now))
-            if not k.startswith(COMPATIBLE_PREFIXES) and saved.get(k) != now.get(k)
-        ]
-        raise DganError(
-            f"checkpoint {where} comes from an incompatible config:\n  "
-            + "\n  ".join(diffs or ["(unknown config)"])
-            + "\nResume with the run's own config.yaml (--config RUN/config.yaml) "
-            "or start a new run."
-        )
-    if state.get("classes") != classes:
-        raise DganError(
-            f"checkpoint {where} was trained on classes {state.get('classes')}, "
-            f"the data now gives {classes}"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), Best(int(state["best_epoch"]), float(state["best_score"]))
-
-
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The job: what the run harness (dgan.run.harness) needs of the inspector
 # ---------------------------------------------------------------------------------------------
 
 
-def train_inspector(
-    config: InspectorConfig,
-    run_dir: Path,
-    resume: Path | None = None,
-    accelerator=None,
-    quiet: bool = False,
-    stop_at: int | None = None,
-) -> Path:
-    """Train the inspector into `run_dir`; returns the run directory. All processes call this.
+class InspectorJob(TrainingJob):
+    """Inspector training: one SGD step per batch, validation and export of the best epoch."""
 
-    `stop_at` pauses the run after that epoch with a checkpoint (state "paused").
-    """
-    accelerator = accelerator or make_accelerator(config, None)
-    main, device = accelerator.is_main_process, accelerator.device
-    data = read_data(config, log=print if main else lambda _: None)
-    classes, source_head = data.classes, uses_source_classifier(config, data)
-    t = config.train
-    torch.manual_seed(t.seed)  # identical initial weights on every process
-    model = build_inspector(config, len(classes), source_head)
-    optimizer = torch.optim.SGD(
-        model.parameters(), t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw: Inspector = accelerator.unwrap_model(model)
-    steps, start, best = steps_per_epoch(data, t.batch_size), 0, Best()
-    total = steps * t.epochs
-    status = ckpt.read_status(run_dir)
-    if resume is not None:
-        state, rng = ckpt.load_checkpoint(resume, accelerator.process_index)
-        start, best = restore_state(raw, optimizer, state, config, classes, resume)
-        ckpt.restore_rng(rng, device)
-    else:
-        torch.manual_seed(t.seed + accelerator.process_index)  # flips differ per process
-    if start >= total:
-        if main:
-            print(f"{run_dir}: already at step {start} of {total}.")
-        return run_dir
+    kind = "inspector"
+    resumable_keys = ("log.", "train.epochs", "data.num_workers", "data.root")
+    guarded_terms = ("loss_total",)
+    divergence_advice = "Lower train.lr, or use mixed_precision=no, and resume from it."
 
-    if main:
-        print(data.balance())
-        if missing := data.classes_without_positives():
-            print(
-                f"warning: no training image is positive for {', '.join(missing)}; the inspector "
-                "cannot learn to detect them (their recall will be 0). Add examples or synthesize "
-                "them."
-            )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    size, workers = config.data.image_size, config.data.num_workers
-    loader = train_loader(
-        data, size, t.batch_size, start // steps + 1, t.epochs, t.seed, rank, world, workers,
-        pin_memory=device.type == "cuda", skip=start % steps,
-    )  # fmt: skip
-    val_loader = eval_loader(data.val, size, t.batch_size, rank, world, workers)
-    metrics = InspectionMetrics(classes, device)
-    tracker = _open_tracker(config, run_dir, status, main, source_head)
-    if main:
-        atomic_write_text(run_dir / "config.yaml", to_yaml(config))
-        ckpt.write_status(
-            run_dir, state="running", classes=classes, mlflow_run_id=tracker.run_id,
-            steps_per_epoch=steps, source_classifier=source_head,
+    def __init__(self, config: InspectorConfig, accelerator, events: Events) -> None:
+        self.config, self.accelerator, self.events = config, accelerator, events
+        t = config.train
+        self.seed = t.seed
+        self.data = read_data(config, events=events)
+        self.classes = self.data.classes
+        self.source_head = uses_source_classifier(config, self.data)
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        model = build_inspector(config, len(self.classes), self.source_head)
+        optimizer = torch.optim.SGD(
+            model.parameters(), t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.raw: Inspector = accelerator.unwrap_model(self.model)
+        self.steps = steps_per_epoch(self.data, t.batch_size)
+        self.cadence = Cadence(
+            self.steps * t.epochs, config.log.log_every, checkpoint_every=self.steps,
+            eval_every=self.steps, epoch=self.steps,
         )  # fmt: skip
-    progress = Progress(total, start, quiet=quiet) if main else None
-    interrupt = InterruptFlag()
-    means, step = RunningMeans(), start
-    first_bad = torch.full((), -1, device=device)
-    try:
-        batches = iter(loader)
-        for step in range(start + 1, total + 1):
-            images, labels, synthetic = (v.to(device, non_blocking=True) for v in next(batches))
-            images = to_unit_interval(images)
-            images = random_flip(images) if config.data.flip else images
-            alpha = grl_alpha(config, step / total) if source_head else None
-            terms = train_step(model, optimizer, images, labels, synthetic, alpha, accelerator)
-            means.add(terms)
-            bad = ~torch.isfinite(terms["loss_total"]) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+        self.best = Best()
+        self.alpha: float | None = None
+        self.metrics = InspectionMetrics(self.classes, accelerator.device)
 
-            end_of_epoch = step % steps == 0
-            if step % config.log.log_every == 0 or end_of_epoch:
-                _check_finite(first_bad)  # one host sync per log interval, not per step
-                logged = {f"train_{k}": v for k, v in means.pop().items()}
-                logged["lr"] = optimizer.param_groups[0]["lr"]
-                if alpha is not None:
-                    logged["grl_alpha"] = alpha
-                if main:
-                    tracker.log_metrics(logged, step=step)
-                    shown = {k: logged[f"train_{k}"] for k in SHOWN if f"train_{k}" in logged}
-                    progress.update(step, {"epoch": -(-step // steps), **shown})
-            if end_of_epoch:
-                best = _end_epoch(raw, val_loader, metrics, config, classes, run_dir, step // steps,
-                                  step, best, accelerator, tracker, progress)  # fmt: skip
-                _save(accelerator, raw, optimizer, config, classes, run_dir, step, best)
-            if interrupt.requested or (stop_at is not None and step == stop_at * steps):
-                break
-    except KeyboardInterrupt:
-        interrupt.requested = True
-    except DganError:
-        if main:
-            ckpt.write_status(run_dir, state="failed", step=step)
-            tracker.finish("FAILED")
-        raise
-    finally:
-        interrupt.restore()
-        if progress:
-            progress.close()
+    def step(self, step: int, batch) -> dict[str, Tensor]:
+        """One SGD step on the multi-label objective, and f_src's through the GRL (Sec. 3.2)."""
+        images, labels, synthetic = (
+            v.to(self.accelerator.device, non_blocking=True) for v in batch
+        )
+        images = to_unit_interval(images)
+        images = random_flip(images) if self.config.data.flip else images
+        total = self.cadence.total
+        self.alpha = grl_alpha(self.config, step / total) if self.source_head else None
+        return train_step(
+            self.model, self.optimizer, images, labels, synthetic, self.alpha, self.accelerator
+        )
 
-    if interrupt.requested:
-        _check_finite(first_bad)
-        path = _save(accelerator, raw, optimizer, config, classes, run_dir, step, best)
-        if main:
-            ckpt.write_status(run_dir, state="interrupted", step=step)
-            tracker.finish("KILLED")
-            print(f"interrupted at step {step}; saved {path}. Continue with --resume {run_dir}")
-        raise KeyboardInterrupt
-    if step < total:  # paused by stop_at, after its epoch's checkpoint
-        if main:
-            ckpt.write_status(run_dir, state="paused", step=step, epoch=step // steps)
-            tracker.finish("FINISHED")
-        return run_dir
-    _finish(raw, config, classes, run_dir, data, best, accelerator, tracker)
-    return run_dir
+    def batches(self, start: int):
+        t, size = self.config.train, self.config.data.image_size
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return train_loader(
+            self.data, size, t.batch_size, start // self.steps + 1, t.epochs, t.seed, rank, world,
+            self.config.data.num_workers, pin_memory=self.accelerator.device.type == "cuda",
+            skip=start % self.steps,
+        )  # fmt: skip
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_epoch": self.best.epoch,
+            "best_score": self.best.score,
+        }
 
-def _end_epoch(
-    raw, val_loader, metrics, config, classes, run_dir, epoch, step, best, accelerator, tracker,
-    progress,
-) -> Best:  # fmt: skip
-    """Validate; when val multi-target accuracy improves, export this epoch as the best."""
-    _sync_buffers(raw, accelerator)
-    report = evaluate(raw, val_loader, metrics, accelerator.device, "val")
-    improved = report.multi_target_accuracy > best.score
-    if improved:
-        best = Best(epoch, report.multi_target_accuracy)
-    if accelerator.is_main_process:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best = Best(int(state["best_epoch"]), float(state["best_score"]))
+
+    def begin(self, start: int, run_dir: Path) -> None:
+        self.events.info(self.data.balance())
+        if missing := self.data.classes_without_positives():
+            self.events.warning(
+                f"no training image is positive for {', '.join(missing)}; the inspector cannot "
+                "learn to detect them (their recall will be 0). Add examples or synthesize them."
+            )
+        d = self.config.data
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.val_loader = eval_loader(
+            self.data.val, d.image_size, self.config.train.batch_size, rank, world, d.num_workers
+        )
+
+    def logged(self, step: int, means: dict[str, float]) -> dict[str, float]:
+        logged = {f"train_{k}": v for k, v in means.items()}
+        logged["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.alpha is not None:
+            logged["grl_alpha"] = self.alpha
+        return logged
+
+    def shown(self, step: int, logged: dict[str, float]) -> dict[str, float]:
+        epoch = -(-step // self.steps)
+        return {
+            "epoch": epoch,
+            **{k: logged[f"train_{k}"] for k in SHOWN if f"train_{k}" in logged},
+        }
+
+    def evaluate(self, step: int, run_dir: Path) -> dict[str, float]:
+        """Validate; when val multi-target accuracy improves, export this epoch as the best."""
+        epoch = step // self.steps
+        _sync_buffers(self.raw, self.accelerator)
+        report = evaluate(self.raw, self.val_loader, self.metrics, self.accelerator.device, "val")
+        improved = report.multi_target_accuracy > self.best.score
         if improved:
-            out = save_inspector(raw, config, classes, run_dir / "inspector")
+            self.best = Best(epoch, report.multi_target_accuracy)
+        if improved and self.accelerator.is_main_process:
+            out = save_inspector(self.raw, self.config, self.classes, run_dir / "inspector")
             summary = {"best_epoch": epoch, "val": report.to_dict()}
             atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        tracker.log_metrics(
-            {**report.metrics(), "epoch": epoch, "best_val_multi_target_accuracy": best.score},
-            step=step,
-        )
-        line = (
+        best = self.best
+        self.events.info(
             f"epoch {epoch}: val multi-target accuracy {report.multi_target_accuracy:.4f}, "
             f"macro F1 {_fmt(report.macro['f1'])}"
             + (" (best so far)" if improved else f" (best: epoch {best.epoch}, {best.score:.4f})")
         )
-        if progress is not None and progress.live:
-            progress.close()
-        print(line, flush=True)
-    accelerator.wait_for_everyone()
-    return best
+        self.accelerator.wait_for_everyone()
+        return {**report.metrics(), "epoch": epoch, "best_val_multi_target_accuracy": best.score}
 
+    def finish(self, run_dir: Path) -> Export | None:
+        """Score the best epoch on test and write its metrics.json (every process scores)."""
+        from safetensors.torch import load_file
 
-def _finish(raw, config, classes, run_dir: Path, data, best: Best, accelerator, tracker) -> None:
-    """Score the best epoch on test, write metrics.json, log it and the model to MLflow."""
-    from safetensors.torch import load_file
-
-    best_dir = run_dir / "inspector"
-    raw.load_state_dict(load_file(str(best_dir / "model.safetensors")))  # copied to the device
-    size, t = config.data.image_size, config.train
-    loader = eval_loader(
-        data.test, size, t.batch_size, accelerator.process_index, accelerator.num_processes,
-        config.data.num_workers,
-    )  # fmt: skip
-    report = evaluate(
-        raw, loader, InspectionMetrics(classes, accelerator.device), accelerator.device, "test"
-    )
-    if accelerator.is_main_process:
+        best_dir = run_dir / "inspector"
+        self.raw.load_state_dict(load_file(str(best_dir / "model.safetensors")))
+        d, t, acc = self.config.data, self.config.train, self.accelerator
+        loader = eval_loader(
+            self.data.test, d.image_size, t.batch_size, acc.process_index, acc.num_processes,
+            d.num_workers,
+        )  # fmt: skip
+        report = evaluate(self.raw, loader, InspectionMetrics(self.classes, acc.device), acc.device,
+                          "test")  # fmt: skip
+        if not acc.is_main_process:
+            return None
         summary = json.loads((best_dir / "metrics.json").read_text())
         summary["test"] = report.to_dict()
         atomic_write_text(best_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        print(f"best epoch {best.epoch} (val multi-target accuracy {best.score:.4f}) on test:")
-        print(report.format())
-        tracker.log_metrics({**report.metrics(), "best_epoch": best.epoch}, step=best.epoch)
-        tracker.log_artifact(best_dir / "metrics.json")
-        model_uri = None
-        if config.log.log_model:
-            code = Path(__file__).parents[1] / "models" / "mlflow_inspector.py"  # not imported here
-            model_uri = tracker.log_code_model("inspector", code, {"inspector": best_dir})
-        ckpt.write_status(
-            run_dir, state="finished", epoch=config.train.epochs, best_epoch=best.epoch,
-            best_val_multi_target_accuracy=best.score,
-            test_multi_target_accuracy=report.multi_target_accuracy, model_uri=model_uri,
+        best = self.best
+        self.events.info(
+            f"best epoch {best.epoch} (val multi-target accuracy {best.score:.4f}) on test:\n"
+            + report.format()
+        )
+        version = {
+            "val_multi_target_accuracy": summary["val"]["multi_target_accuracy"],
+            "test_multi_target_accuracy": report.multi_target_accuracy,
+        }
+        if report.macro["f1"] is not None:
+            version["test_macro_f1"] = report.macro["f1"]
+        return Export(
+            best_dir, PYFUNC_DIR / "pyfunc_inspector.py", "inspector",
+            metrics={**report.metrics(), "best_epoch": best.epoch}, step=best.epoch,
+            artifacts=[best_dir / "metrics.json"],
+            status={"epoch": t.epochs, "best_epoch": best.epoch,
+                    "best_val_multi_target_accuracy": best.score,
+                    "test_multi_target_accuracy": report.multi_target_accuracy},
+            version_metrics=version,
         )  # fmt: skip
-        tracker.finish("FINISHED")
-        if model_uri is not None:
-            _register(tracker, model_uri, config, run_dir, summary["val"], report)
-    accelerator.wait_for_everyone()
+
+    def status_fields(self) -> dict[str, Any]:
+        return {"steps_per_epoch": self.steps, "source_classifier": self.source_head}
+
+    def run_tags(self) -> dict[str, str]:
+        return {"dgan.source_classifier": str(self.source_head).lower()}
+
+    def dataset_hash(self) -> str:
+        return inspection_dataset_hash(self.config)
+
+    def pause_step(self, stop_at: int) -> int:
+        """`stop_at` counts epochs: the run pauses after that epoch's checkpoint."""
+        return stop_at * self.steps
+
+    # -- checks before a run directory exists (dgan.run.launch.prepare_run) ---------------------
+
+    @staticmethod
+    def check_config(config: InspectorConfig) -> InspectorConfig:
+        """Pretrained weights exist (before any demo data is made)."""
+        from dgan.models.inspector import pretrained_hint
+
+        weights = config.model.pretrained
+        if weights is not None and not Path(weights).is_file():
+            raise DganError(
+                f"--pretrained {weights}: no such file. {pretrained_hint(config.model.arch)}", 2
+            )
+        return config
+
+    @staticmethod
+    def check_data(config: InspectorConfig, start: int, decode: bool = True) -> None:
+        """Every image decodes (unless `decode` is off) and pretrained weights fit."""
+        data = read_data(config, check=decode)
+        if config.model.pretrained is not None:
+            build_inspector(config, len(data.classes), source_head=False)  # fails on a wrong file
+
+
+def run_inspector(
+    config: InspectorConfig, resume: str | None = None, gpus: int = 1, **options
+) -> JobResult:
+    """Train the inspector on `gpus` processes; returns the typed result.
+
+    `options` are dgan.run.launch.launch_training's (run_name, quiet, events, callback, tags,
+    check_data=False to skip decoding every image first); `stop_at` counts epochs here.
+    """
+    options = {"run_name": "inspector", **options}
+    return launch_training(InspectorJob, config, resume, gpus, **options)
+
+
+def worker(run_dir: Path, processes: int, events: Events, resume, stop_at) -> JobResult:
+    """One process of `dgan train inspector --gpus N` (dgan.run.launch)."""
+    return training_worker(InspectorJob, run_dir, processes, events, resume, stop_at)
 
 
 def inspection_dataset_hash(config: InspectorConfig) -> str:
@@ -485,22 +349,6 @@ def inspection_dataset_hash(config: InspectorConfig) -> str:
     return dataset_hash(*(open_dataset(p) for p in [config.data.root, *config.data.synthetic]))
 
 
-def _register(tracker, model_uri: str, config, run_dir: Path, val: dict, test) -> None:
-    """Register the exported epoch with its val and test scores as version tags."""
-    from dgan.models.registry import register_run_model
-
-    metrics = {
-        "val_multi_target_accuracy": val["multi_target_accuracy"],
-        "test_multi_target_accuracy": test.multi_target_accuracy,
-    }
-    if test.macro["f1"] is not None:
-        metrics["test_macro_f1"] = test.macro["f1"]
-    if registration := register_run_model(tracker, model_uri, config.log, metrics):
-        for line in registration.lines():
-            print(line, flush=True)
-        ckpt.write_status(run_dir, **registration.status_fields())
-
-
 def _sync_buffers(raw: torch.nn.Module, accelerator) -> None:
     """Give every process rank 0's BatchNorm statistics, so all validate the same network."""
     if accelerator.num_processes > 1:
@@ -508,43 +356,6 @@ def _sync_buffers(raw: torch.nn.Module, accelerator) -> None:
 
         for buffer in raw.buffers():
             buffer.copy_(broadcast(buffer.clone(), from_process=0))
-
-
-def _check_finite(first_bad: Tensor) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        raise DganError(
-            f"training diverged: the loss became NaN/inf at step {step}. No checkpoint was "
-            "written after it; the last good one is kept. Lower train.lr, or use "
-            "mixed_precision=no, and resume from it."
-        )
-
-
-def _save(accelerator, raw, optimizer, config, classes, run_dir: Path, step: int, best: Best):
-    main = accelerator.is_main_process
-    state = training_state(raw, optimizer, config, classes, step, best) if main else {}
-    return ckpt.save_checkpoint(accelerator, run_dir, step, state, config.log.keep_checkpoints)
-
-
-def _open_tracker(config: InspectorConfig, run_dir: Path, status: dict, main: bool, source_head):
-    from dgan.tracking import Tracker, run_tags
-
-    tags = None
-    if main and status.get("mlflow_run_id") is None:  # a resumed run keeps its tags
-        tags = {
-            **run_tags("inspector", config, run_dir, inspection_dataset_hash(config)),
-            "dgan.source_classifier": str(source_head).lower(),
-            **status.get("mlflow_tags", {}),
-        }
-    return Tracker(
-        enabled=main,
-        uri=config.log.tracking_uri,
-        experiment=config.log.experiment,
-        run_name=run_dir.name,
-        params=flatten(config),
-        tags=tags,
-        run_id=status.get("mlflow_run_id"),
-    )
 
 
 def _fmt(value: float | None) -> str:
@@ -565,14 +376,14 @@ def evaluate_inspector(
 ) -> InspectionReport:
     """Score a saved inspector on one split of a dataset.
 
-    `model` is any spec dgan.models.source.resolve_model takes: an inspector directory, its run
+    `model` is any spec dgan.tracking.source.resolve_model takes: an inspector directory, its run
     directory, a checkpoint, or an MLflow URI (models:/defect-inspector@champion, models:/m-...).
     The dataset must have the inspector's classes (by name; extra classes are ignored).
     """
     from dgan.data import SPLITS, open_dataset
     from dgan.data.inspector import LabelledImage
     from dgan.data.loader import select_classes
-    from dgan.models.source import load_inspector_from, resolve_model
+    from dgan.tracking.source import load_inspector_from, resolve_model
 
     if split not in SPLITS:
         raise DganError(f"--split {split!r}: choose one of {', '.join(SPLITS)}", exit_code=2)

@@ -11,7 +11,7 @@ name (`log.registered_model`). Each version carries tags that say what it is and
     dgan.dataset_hash   the data's file list and sizes (dgan.data.dataset_hash)
 
 `promote_if_better` moves an alias (`champion`) to a new version only when a chosen metric beats
-the current holder's value of it. Models are loaded back through dgan.models.source, which reads
+the current holder's value of it. Models are loaded back through dgan.tracking.source, which reads
 the safetensors weights: registering and loading unpickle nothing.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dgan.errors import DganError
+from dgan.metrics.registry import require_direction
 
 DEFAULT_ALIAS = "champion"
 # Final losses of a GAN run worth a version tag; FID and KID metrics are added when logged.
@@ -41,24 +42,6 @@ PREFERRED_COLUMNS = (
     "d_total",
 )
 MAX_COLUMNS = 6
-# Name tokens that say which way a metric improves (split on "_").
-HIGHER_IS_BETTER = {"accuracy", "f1", "precision", "recall", "ap", "auc", "diversity", "iou"}
-LOWER_IS_BETTER = {"fid", "kid", "loss", "error", "total", "adv", "rec", "gp", "cls"}
-
-
-def metric_direction(metric: str) -> Literal["min", "max"] | None:
-    """Whether a lower (`min`) or higher (`max`) value of `metric` is better, from its name.
-
-    Accuracy-like names (accuracy, f1, precision, recall, ap) are `max`; distances and losses
-    (fid, kid, loss and the GAN's loss terms d_* and g_*) are `min`; None when the name does not
-    tell, and the caller must choose.
-    """
-    tokens = set(metric.lower().split("_"))
-    if tokens & HIGHER_IS_BETTER:
-        return "max"
-    if tokens & LOWER_IS_BETTER or metric.startswith(("d_", "g_")):
-        return "min"
-    return None
 
 
 def gan_key_metrics(run_metrics: dict[str, float]) -> dict[str, float]:
@@ -80,7 +63,7 @@ def registry_client(tracking_uri: str | None = None, existing: bool = True):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from dgan.tracking import check_reachable, require_store, resolve_tracking_uri
+    from dgan.tracking.tracker import check_reachable, require_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if existing:
@@ -293,15 +276,9 @@ def promote_if_better(
     """Move `name@alias` to `version` only when `metric` improves on the alias holder's value.
 
     No holder yet: promote. A tie, a worse value, or a value that cannot be compared: keep the
-    holder. `mode` (min or max) defaults to `metric_direction(metric)`.
+    holder. `mode` (min or max) defaults to the metric's registered direction.
     """
-    mode = mode or metric_direction(metric)
-    if mode is None:
-        raise DganError(
-            f"cannot tell whether a higher or lower {metric} is better; set log.promote_mode to "
-            "min or max",
-            exit_code=2,
-        )
+    mode = require_direction(metric, mode)
     client = registry_client(tracking_uri)
     version = str(version)
     new = get_version(client, name, version)

@@ -1,4 +1,4 @@
-"""MLflow tracking: one run per training job, written by the main process only.
+"""MLflow runs: one per training job, written by the main process only.
 
 The tracking URI is `--tracking-uri`, else $MLFLOW_TRACKING_URI, else a local SQLite file
 `sqlite:///mlflow.db` (artifacts then go to ./mlruns). Nothing needs a server.
@@ -74,6 +74,14 @@ def run_tags(job: str, config: BaseModel, run_dir: Path, dataset: str) -> dict[s
         "dgan.config_hash": config_hash(config, NOT_SETTINGS),
         "dgan.dataset_hash": dataset,
     }
+
+
+def open_client(uri: str | None = None):
+    """An MlflowClient on the resolved tracking URI (telemetry off)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow.MlflowClient(resolve_tracking_uri(uri))
 
 
 class Tracker:

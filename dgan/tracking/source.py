@@ -65,7 +65,7 @@ def find_model_dir(root: Path) -> Path | None:
 
 def resolve_local(path: Path, kind: str) -> ModelSource:
     """A model directory, run directory or checkpoint on disk (`kind` names its subdirectory)."""
-    from dgan.train.checkpoint import list_checkpoints
+    from dgan.run.checkpoint import list_checkpoints
 
     path = Path(path)
     if not path.exists():
@@ -108,7 +108,7 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    from dgan.tracking import require_store, resolve_tracking_uri
+    from dgan.tracking.tracker import require_store, resolve_tracking_uri
 
     tracking = resolve_tracking_uri(tracking_uri)
     require_store(tracking)
@@ -127,7 +127,7 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
     except Exception as err:  # noqa: BLE001 - any MLflow failure means the URI does not resolve
         shutil.rmtree(tmp, ignore_errors=True)
-        from dgan.models.registry import explain_model_uri
+        from dgan.tracking.registry import explain_model_uri
 
         raise DganError(
             explain_model_uri(uri, tracking)
@@ -148,7 +148,7 @@ def _pin(uri: str, tracking: str) -> tuple[str, str]:
     anew under the same path cannot serve a stale copy. Other URIs are their own identity."""
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
         return uri, ""
-    from dgan.models.registry import get_alias, get_version, registry_client
+    from dgan.tracking.registry import get_alias, get_version, registry_client
 
     rest = uri.removeprefix("models:/").strip("/")
     client = registry_client(tracking)
@@ -228,7 +228,7 @@ def load_generator_from(source: ModelSource, device: str = "cpu"):
     if source.directory is not None:
         return load_generator(source.directory, device)
     from dgan.models import build_gan
-    from dgan.train.checkpoint import load_checkpoint
+    from dgan.run.checkpoint import load_checkpoint
 
     state, _ = load_checkpoint(source.checkpoint)
     if "G" not in state:
@@ -246,7 +246,7 @@ def load_inspector_from(source: ModelSource, device: str = "cpu"):
     config = read_model_config(source, "inspector")
     if source.directory is not None:
         return load_inspector(source.directory, device)
-    from dgan.train.checkpoint import load_checkpoint
+    from dgan.run.checkpoint import load_checkpoint
 
     state, _ = load_checkpoint(source.checkpoint)
     if "model" not in state or "classes" not in state:
