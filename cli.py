@@ -46,7 +46,9 @@ PromoteOpt = Annotated[
     typer.Option(
         metavar="METRIC",
         help="Move alias 'champion' to the registered version only when METRIC improves on the "
-        "champion's (log.promote_if_better; direction from the name or log.promote_mode).",
+        "champion's (log.promote_if_better; direction from dgan.metrics.registry or "
+        "log.promote_mode). 'auto': realism_auc for Defect-GAN (fid with Inception weights), "
+        "val_multi_target_accuracy for the inspector.",
     ),
 ]
 TrackingOpt = Annotated[
@@ -508,18 +510,33 @@ def eval_synth(
     seed: Annotated[int, typer.Option(help="Same seed, same inputs, boxes and noise.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI for models:/ specs.")] = None,
+    realism: Annotated[
+        bool,
+        typer.Option(
+            help="The realism test: a fresh classifier's held-out ROC-AUC telling G's images from "
+            "real ones (0.5: it cannot tell them apart; 1.0: it always can)."
+        ),
+    ] = True,
     json_out: JsonOpt = None,
 ) -> None:
-    """Synthesis quality: category-control accuracy (with --inspector), background preservation,
-    spatial-control precision and diversity, on the split and on the held-out surface family
-    (split "transfer") when the dataset has one.
+    """Synthesis quality: realism, category-control accuracy (with --inspector), background
+    preservation, spatial-control precision and diversity, on the split and on the held-out
+    surface family (split "transfer") when the dataset has one.
+
+    Realism is a classifier two-sample test: a small CNN trained from scratch on half of the real
+    defects and half of G's defacements (with the same label sets), scored by ROC-AUC on the
+    other halves; 0.5 means it cannot tell them apart, 1.0 that it always can. The same test on
+    two halves of the real data is printed as the floor. Restorations of real defects are tested
+    against real normals the same way.
 
     Example: dgan eval synth runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
     """
     from dgan.evaluation.synth_report import evaluate_synthesis
     from dgan.io import atomic_write_text
 
-    report = evaluate_synthesis(model, data, inspector, n, split, seed, batch_size, tracking_uri)
+    report = evaluate_synthesis(
+        model, data, inspector, n, split, seed, batch_size, tracking_uri, realism
+    )
     typer.echo(report.format())
     if json_out:
         atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -120,9 +120,10 @@ class LogConfig(Section):
     log_model: bool = True  # log the final EMA generator to MLflow
     # Register the logged generator as a new version of this MLflow model; empty: do not.
     registered_model: str | None = "defect-gan"
-    # Move alias `champion` to the new version only when this metric improves on the champion's.
+    # Move alias `champion` to the new version only when this metric improves on the champion's;
+    # "auto": fid with the Inception weights, else realism_auc (dgan.metrics.registry).
     promote_if_better: str | None = None
-    promote_mode: Literal["min", "max"] | None = None  # None: from the metric's name
+    promote_mode: Literal["min", "max"] | None = None  # None: the metric's registered direction
     # Iterations between evaluations of the EMA generator (see `eval`), at multiples of it; 0
     # turns them off. Runs shorter than this never evaluate.
     eval_every: int = Field(10_000, ge=0)
@@ -139,7 +140,7 @@ class LogConfig(Section):
 def check_registry_keys(log: Any) -> Any:
     """Promotion needs a logged, registered model and a known direction of improvement."""
     metric = log.promote_if_better
-    if metric is None:
+    if metric is None or metric == "auto":  # the job's config resolves "auto"
         return log
     if not (log.log_model and log.registered_model):
         raise ValueError(
@@ -171,6 +172,10 @@ class GanEvalConfig(Section):
     inception_weights: Path | None = None
     batch_size: int = Field(64, ge=1)
     seed: int = 0  # which normals, labels, boxes and noise the evaluation uses
+    # The realism test (dgan.metrics.realism): a fresh classifier's held-out ROC-AUC telling G's
+    # defacements from real defects and its restorations from real normals (0.5: indistinguishable).
+    realism: bool = True
+    realism_n: int = Field(600, ge=4)  # real training defects it uses, at most
 
 
 class GanConfig(Section):
@@ -219,7 +224,23 @@ class GanConfig(Section):
             )
         if self.train.lr_end > min(self.train.lr_g, self.train.lr_d):
             raise ValueError("train.lr_end must not exceed train.lr_g and train.lr_d")
+        if self.log.promote_if_better == "auto":
+            self.log.promote_if_better = gan_promotion_metric(self)
+        if self.log.promote_if_better in ("realism_auc", "fid") and not self.log.eval_every:
+            raise ValueError(
+                f"log.promote_if_better={self.log.promote_if_better} is measured by the periodic "
+                "evaluation, which log.eval_every=0 turns off; set log.eval_every"
+            )
         return self
+
+
+def gan_promotion_metric(config: GanConfig) -> str:
+    """What `--promote-if-better auto` compares for Defect-GAN: standard FID when the Inception
+    weights are given, else the realism test (neither needs anything the run lacks)."""
+    import os
+
+    weights = config.eval.inception_weights or os.environ.get("DGAN_INCEPTION_WEIGHTS")
+    return "fid" if weights else "realism_auc"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +317,8 @@ class InspectorConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> InspectorConfig:
+        if self.log.promote_if_better == "auto":
+            self.log.promote_if_better = "val_multi_target_accuracy"
         if self.model.arch == "small" and self.model.pretrained is not None:
             raise ValueError(
                 "model.arch=small has no pretrained weights; drop model.pretrained, or use "

@@ -348,14 +348,26 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
         assert 0 <= figures["spatial_precision"] <= 1
         assert 0 < figures["spatial_chance"] < 1
         assert figures["diversity_l1"] >= 0
+        for name in ("realism_auc", "realism_auc_restored"):
+            assert 0 <= figures[name] <= 1, name
+        assert 0 <= figures["restored_called_normal"] <= 1
+        assert any(k.startswith("set_accuracy_") for k in figures)
     assert report["n"] == {"train": 6, "transfer": 6}
+    assert report["realism_n"] == {"train": 8, "transfer": 4}
+    floors = [report["figures"][s]["realism_floor"] for s in ("train", "transfer")]
+    assert 0 <= floors[0] <= 1 and floors[1] is None  # transfer's 4 defects are too few for one
+    assert "0.5: it cannot tell G's images from real ones" in result.output
+    assert "its floor: two halves of the real defects" in result.output
 
 
 def test_eval_synth_without_inspector_says_what_it_skips(trained):
-    result = invoke("eval", "synth", str(trained.gan), str(trained.data), "--n", "4")
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--n", "4", "--no-realism"
+    )
     assert result.exit_code == 0, result.output
     assert "category-control accuracy needs --inspector" in result.output
     assert "outside the dilated mask" in result.output and "diversity" in result.output
+    assert "realism" not in result.output  # --no-realism
 
 
 # ---------------------------------------------------------------------------------------------

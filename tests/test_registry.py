@@ -445,3 +445,18 @@ def test_two_runs_versions_and_champion_reach_a_real_mlflow_server(
     finally:
         _stop(server)
     assert server.returncode is not None
+
+
+def test_promote_auto_compares_realism_without_inception_weights_and_fid_with_them(monkeypatch):
+    monkeypatch.delenv("DGAN_INCEPTION_WEIGHTS", raising=False)
+    auto = load_config("gan", ["demo"], ["log.promote_if_better=auto"])
+    assert auto.log.promote_if_better == "realism_auc"
+    assert metric_direction("realism_auc") == "min"
+    monkeypatch.setenv("DGAN_INCEPTION_WEIGHTS", "/weights/inception.pth")
+    assert load_config("gan", ["demo"], ["log.promote_if_better=auto"]).log.promote_if_better == (
+        "fid"
+    )
+    inspector = load_config("inspector", [], ["log.promote_if_better=auto"])
+    assert inspector.log.promote_if_better == "val_multi_target_accuracy"
+    with pytest.raises(DganError, match="log.eval_every=0 turns off"):
+        load_config("gan", ["demo"], ["log.promote_if_better=auto", "log.eval_every=0"])

@@ -13,6 +13,7 @@ from dgan.errors import DganError
 from dgan.evaluation.inputs import has_transfer, make_eval_set, real_defects
 from dgan.evaluation.judges import open_judges
 from dgan.evaluation.measure import measure, reference_features, summarize
+from dgan.evaluation.realism import make_realism_inputs, realism_figures, realism_floors
 from dgan.events import Events
 from dgan.metrics.fid import (
     FeatureSet,
@@ -82,6 +83,16 @@ class TrainingEvaluator:
                         f"{extractor.name}): {'reused' if reused else 'computed'} {path}"
                     )
             self.references.append(refs)
+        # The realism test on the train split, on the main process (the others wait for it at
+        # the next collective); its floors are computed once and cached.
+        self.realism, self.floors = None, {}
+        if e.realism and main:
+            self.realism = make_realism_inputs(
+                index, "train", columns, classes, size, self.seed, e.realism_n
+            )
+            self.floors = realism_floors(
+                self.realism, self.seed, Path(config.log.run_root) / ".cache" / "realism"
+            )
 
     def __call__(self, G) -> dict[str, float]:
         """Every metric for the current G, named as in MLflow (transfer ones end in _transfer)."""
@@ -95,5 +106,10 @@ class TrainingEvaluator:
             values = summarize(rows, eval_set, self.classes, self.judges, refs, self.seed)
             suffix = "" if eval_set.split == "train" else f"_{eval_set.split}"
             metrics |= {f"{k}{suffix}": v for k, v in values.items() if not math.isnan(v)}
+        if self.realism is not None:
+            metrics |= self.floors | realism_figures(
+                G, self.realism, self.seed, self.batch_size, self.accelerator.device,
+                self.judges.inspector, self.judges.inspector_columns,
+            )  # fmt: skip
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics

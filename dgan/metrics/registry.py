@@ -46,6 +46,12 @@ METRICS: dict[str, Metric] = {
         Metric("spatial_precision", "max", "share of the change inside the asked box"),
         Metric("spatial_chance", None, "spatial_precision's chance level"),
         Metric("diversity_l1", "max", "L1 between two noise seeds"),
+        # The realism test (dgan.metrics.realism): 0.5 is indistinguishable from real.
+        Metric("realism_auc", "min", "a fresh classifier tells G's images from real", True),
+        Metric("realism_floor", None, "the same test on two halves of the real defects"),
+        Metric("realism_floor_normal", None, "the same test on two halves of the real normals"),
+        Metric("set_accuracy", "max", "inspector calls a defacement exactly its label set", True),
+        Metric("restored_called_normal", "max", "inspector calls a restoration defect-free"),
         # The inspector (dgan.metrics.classification), with a split prefix.
         Metric("multi_target_accuracy", "max", "CODEBRIM's exact-match accuracy"),
         Metric("macro_precision", "max", "precision averaged over categories"),

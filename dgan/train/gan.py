@@ -400,8 +400,8 @@ class GanJob(TrainingJob):
         if self.evaluator is None:
             return {}
         metrics = self.evaluator(self.sampling_generator())
-        shown = ("fid", "fid_inspector", "category_accuracy", "background_change",
-                 "spatial_precision", "diversity_l1")  # fmt: skip
+        shown = ("fid", "fid_inspector", "realism_auc", "realism_auc_restored", "category_accuracy",
+                 "background_change", "spatial_precision", "diversity_l1")  # fmt: skip
         line = ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
         self.events.info(f"evaluation at iteration {step}: {line}")
         return metrics

@@ -1,0 +1,160 @@
+"""The realism test of a generator (dgan.metrics.realism) on fixed inputs of one split.
+
+Defacement: every real defect of the split (up to `n`) is paired with a normal defaced with that
+defect's own label set, so real and synthesized sets hold the same label sets; one classifier is
+trained on half of the pairs, and its held-out AUC is reported overall (`realism_auc`) and per
+label set (`realism_auc_<set>`, sets joined by "-": `realism_auc_spallation-exposed_bars`).
+Restoration: the real defects restored, against as many other real normals of the split
+(`realism_auc_restored`). The floors are the same test on two halves of the real defects
+(`realism_floor`) and of the real normals (`realism_floor_normal`; NaN below 8 images); they do
+not depend on G and are cached. With an inspector, the share of defacements called exactly
+their label set (`set_accuracy_<set>`) and of restorations called defect-free
+(`restored_called_normal`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dgan.data import DatasetIndex
+from dgan.data.loader import to_unit_range
+from dgan.evaluation.inputs import load_images, real_defects, seeded_order
+from dgan.inference import deface, restore
+from dgan.io import atomic_write_text
+from dgan.metrics.fid import require_images
+from dgan.metrics.realism import STEPS, halves_test, two_sample_test
+
+DEFAULT_N = 600  # real defects per test: the demo set's whole train split
+
+
+@dataclass
+class RealismInputs:
+    """What one split's realism test compares; the same every time it runs."""
+
+    split: str
+    defects: Tensor  # (N, 3, S, S) uint8 real defects
+    labels: Tensor  # (N, C) their label sets
+    groups: list[str]  # each defect's label set as a name
+    to_deface: Tensor  # (N, 3, S, S) uint8 normals, defaced with `labels`
+    normals: Tensor  # (N, 3, S, S) uint8 other real normals, against the restorations
+    identity: str  # of the real files, for the floors' cache
+
+    @property
+    def n(self) -> int:
+        return len(self.defects)
+
+
+def label_set_name(labels: Sequence[float], classes: Sequence[str]) -> str:
+    return "-".join(c for c, v in zip(classes, labels, strict=True) if v) or "normal"
+
+
+def make_realism_inputs(
+    index: DatasetIndex,
+    split: str,
+    columns: Sequence[int],
+    classes: Sequence[str],
+    image_size: int,
+    seed: int,
+    n: int = DEFAULT_N,
+) -> RealismInputs:
+    """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer)."""
+    defects = real_defects(index, split, columns)
+    normals = sorted(index.select(split, normal=True), key=lambda s: str(s.path))
+    require_images(len(defects), f"the realism test on split {split!r}", "real defects", 4)
+    require_images(len(normals), f"the realism test on split {split!r}", "real normals", 4)
+    defects = [defects[i] for i in sorted(seeded_order(len(defects), seed, 9)[:n])]
+    count = len(defects)
+    order = seeded_order(len(normals), seed, 10)
+    picked = [normals[order[k % len(order)]].path for k in range(2 * count)]
+    labels = torch.tensor([[s.labels[c] for c in columns] for s in defects], dtype=torch.float32)
+    digest = hashlib.sha256()
+    for path in [s.path for s in defects] + picked[count:]:
+        digest.update(f"{path}\0{Path(path).stat().st_size}\n".encode())
+    return RealismInputs(
+        split,
+        load_images([s.path for s in defects], image_size),
+        labels,
+        [label_set_name(row, classes) for row in labels.tolist()],
+        load_images(picked[:count], image_size),
+        load_images(picked[count:], image_size),
+        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{STEPS}",
+    )
+
+
+def _to_uint8(images: Tensor) -> Tensor:
+    return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def synthesize(
+    G, inputs: RealismInputs, seed: int, batch_size: int, device
+) -> tuple[Tensor, Tensor]:
+    """(defacements, restorations) of the inputs, uint8, on the CPU."""
+    was_training = G.training
+    G.eval()
+    fakes, restored = [], []
+    for start in range(0, inputs.n, batch_size):
+        part = slice(start, start + batch_size)
+        normals = to_unit_range(inputs.to_deface[part].to(device))
+        fake, _ = deface(G, normals, inputs.labels[part].to(device), seed=seed * 7919 + start)
+        defects = to_unit_range(inputs.defects[part].to(device))
+        back, _ = restore(G, defects, seed=seed * 7919 + start + 1)
+        fakes.append(_to_uint8(fake))
+        restored.append(_to_uint8(back))
+    G.train(was_training)
+    return torch.cat(fakes), torch.cat(restored)
+
+
+def realism_figures(
+    G, inputs: RealismInputs, seed: int, batch_size: int, device, inspector=None, columns=None
+) -> dict[str, float]:
+    """realism_auc (overall and per label set) and realism_auc_restored for G; with an
+    inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
+    set_accuracy_<set> and restored_called_normal too."""
+    fakes, restored = synthesize(G, inputs, seed, batch_size, device)
+    defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups)
+    figures = {"realism_auc": defaced.auc}
+    figures |= {f"realism_auc_{g}": v for g, v in defaced.groups.items()}
+    figures["realism_auc_restored"] = two_sample_test(inputs.normals, restored, seed).auc
+    if inspector is not None:
+        figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
+    return figures
+
+
+@torch.no_grad()
+def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dict[str, float]:
+    def called(images: Tensor) -> Tensor:
+        rows = []
+        for part in images.split(256):
+            _, logits = inspector.features_and_logits(part.to(device).float() / 255)
+            rows.append((logits[:, columns] > 0).cpu())
+        return torch.cat(rows)
+
+    exact = (called(fakes) == inputs.labels.bool()).all(dim=1).numpy()
+    groups = np.asarray(inputs.groups)
+    out = {f"set_accuracy_{g}": float(exact[groups == g].mean()) for g in dict.fromkeys(groups)}
+    out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
+    return out
+
+
+def realism_floors(inputs: RealismInputs, seed: int, cache_dir: Path | None) -> dict[str, float]:
+    """The test between two halves of the real defects and of the real normals (cached)."""
+    path = Path(cache_dir) / f"realism-floor-{inputs.identity}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+
+    def floor(images: Tensor) -> float:  # NaN when the halves are too small to test
+        return halves_test(images, seed).auc if len(images) >= 8 else float("nan")
+
+    floors = {"realism_floor": floor(inputs.defects), "realism_floor_normal": floor(inputs.normals)}
+    if path is not None:
+        atomic_write_text(path, json.dumps(floors))
+    return floors

@@ -1,0 +1,57 @@
+"""The realism test: a classifier two-sample test that a generator never trained against."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgan.metrics.realism import halves_test, two_sample_test
+
+
+@pytest.fixture(scope="module")
+def surfaces(tmp_path_factory) -> torch.Tensor:
+    """400 procedural concrete normals at 32 px (the demo set's surfaces), uint8."""
+    from dgan.data.demo import generate_demo
+    from dgan.evaluation.inputs import load_images
+
+    index = generate_demo(tmp_path_factory.mktemp("demo") / "d", 400, 4, 32, seed=3, workers=1)
+    return load_images([s.path for s in index.samples if s.is_normal][:400], 32)
+
+
+def with_stripes(images: torch.Tensor) -> torch.Tensor:
+    """Faint green stripes on every fourth row: what a person sees as an artifact."""
+    out = images.clone()
+    out[:, 1, ::4] = (out[:, 1, ::4].int() + 40).clamp(max=255).to(torch.uint8)
+    return out
+
+
+def test_two_halves_of_one_set_are_about_indistinguishable(surfaces, one_thread):
+    result = halves_test(surfaces, seed=0, steps=150)
+    assert result.n == 200
+    assert abs(result.auc - 0.5) < 0.15, result.auc
+
+
+def test_a_set_against_a_visibly_altered_copy_is_told_apart(surfaces, one_thread):
+    half = len(surfaces) // 2
+    result = two_sample_test(surfaces[:half], with_stripes(surfaces[half:]), seed=0, steps=150)
+    assert result.auc > 0.95, result.auc
+
+
+def test_groups_are_scored_on_their_own_held_out_items(surfaces, one_thread):
+    half = len(surfaces) // 2
+    real, fake = surfaces[:half], surfaces[half:].clone()
+    fake[: half // 2] = with_stripes(fake[: half // 2])  # only group "striped" is altered
+    groups = ["striped"] * (half // 2) + ["clean"] * (half - half // 2)
+    result = two_sample_test(real, fake, seed=0, groups=groups, steps=150)
+    assert result.group_n == {"striped": half // 4, "clean": (half - half // 2) // 2}
+    assert result.groups["striped"] > 0.95 > 0.75 > result.groups["clean"]
+
+
+def test_the_same_inputs_and_seed_give_the_same_auc(surfaces, one_thread):
+    a = halves_test(surfaces[:80], seed=1, steps=20).auc
+    assert halves_test(surfaces[:80], seed=1, steps=20).auc == a
+
+
+def test_too_few_images_are_refused():
+    with pytest.raises(ValueError, match="at least 4 images"):
+        two_sample_test(torch.zeros(3, 3, 8, 8), torch.zeros(3, 3, 8, 8))
