@@ -46,6 +46,10 @@ class GeneratorConfig(Section):
     # Beyond the paper: residual blocks at full resolution after the last upsampling (SPADE when
     # scc is on). 0 is the paper's decoder: one conv at full resolution before the heads.
     fine_blocks: int = Field(0, ge=0, le=8)
+    # Beyond the paper: "offset" paints the foreground f as an offset of the input in tanh space,
+    # f = tanh(atanh(x) + h), so that f starts as the surface itself and a change of colour or
+    # texture is learned, not painted from a flat colour. "image" is the paper's f = tanh(h).
+    foreground: Literal["image", "offset"] = "image"
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block

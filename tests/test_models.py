@@ -36,6 +36,22 @@ def test_layer_wise_composition_keeps_background_where_mask_is_zero():
     assert torch.equal(compose(bg, fg, m + 1), fg)
 
 
+def test_an_offset_foreground_starts_as_the_input_and_an_image_foreground_does_not():
+    x = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    a = torch.zeros(2, C, 16, 16)
+    for mode, starts_as_input in (("offset", True), ("image", False)):
+        G = tiny(foreground=mode, ani=False)
+        with torch.no_grad():
+            G.to_foreground.weight.zero_()
+            G.to_foreground.bias.zero_()
+        f = G(x, a).foreground
+        assert torch.allclose(f, x, atol=1e-5) == starts_as_input, mode
+    # The offset still moves f: its head's gradient reaches the conv.
+    G = tiny(foreground="offset")
+    G(x, a).foreground.sum().backward()
+    assert G.to_foreground.weight.grad.abs().sum() > 0
+
+
 def test_all_switches_off_is_stargan_with_label_concatenated_to_input():
     G = tiny(scc=False, ani=False, lwc=False)
     assert G.encoder[0]["conv"].in_channels == 3 + C

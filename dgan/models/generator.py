@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dgan.models.speedups import Conv3x3, spread_border
 
+OFFSET_LIMIT = 0.999  # atanh of pixels at +-1 is infinite; 0.999 maps to +-3.8
 # None (the global RNG), one generator for the batch, or one per image (synthesis: output i then
 # depends only on its own seed, whatever the batch it is computed in).
 NoiseGenerator = torch.Generator | Sequence[torch.Generator] | None
@@ -177,8 +178,10 @@ class Generator(nn.Module):
         lwc: bool = True,
         upsample: str = "transpose",
         fine_blocks: int = 0,
+        foreground: str = "image",
     ) -> None:
         super().__init__()
+        self.foreground_mode = foreground
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
         c, d = num_classes, conv_dim
         in_channels = 3 if scc else 3 + c  # StarGAN: label concatenated to the image
@@ -239,7 +242,10 @@ class Generator(nn.Module):
             torch.cat([self.to_foreground.bias, self.to_mask.bias]),
             padding=3,
         )
-        foreground, defect_mask = torch.tanh(heads[:, :3]), torch.sigmoid(heads[:, 3:])
+        painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:])
+        if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
+            painted = painted + torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
+        foreground = torch.tanh(painted)
         return GeneratorOutput(
             image=compose(x, foreground, defect_mask),
             foreground=foreground,
