@@ -224,6 +224,34 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_folder, work
     )
 
 
+def test_sigterm_to_the_whole_process_group_checkpoints_even_with_loader_workers(
+    tiny_folder, workdir
+):
+    # A queue's cancel and a terminal's Ctrl-C signal the job's whole process group, loader
+    # workers included: they must leave the stop to the main process, not crash its loader.
+    args = ["train", "gan", "--quiet", "--data", str(tiny_folder), "--config", "paper"]
+    args += [f"--set={s}" for s in TINY_GAN] + [
+        "--set=train.iterations=100000",
+        "--set=log.log_every=1",
+        "--set=data.num_workers=1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [*DGAN, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_line(proc.stdout, lambda line: line.lstrip().startswith("3/"), timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at iteration" in out
+    run_dir = next((workdir / "runs" / "gan").iterdir())
+    assert ckpt.read_status(run_dir)["state"] == "interrupted"
+    assert ckpt.list_checkpoints(run_dir)
+
+
 @pytest.mark.parametrize(
     ("switch", "weight"),
     [

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dgan.data import DatasetIndex, Sample, open_dataset
-from dgan.data.loader import load_image
+from dgan.data.loader import leave_signals_to_the_main_process, load_image
 from dgan.errors import DganError
 
 _REAL_ORDER, _SYNTHETIC_ORDER, _MIX_ORDER = range(3)  # independent random streams
@@ -279,6 +279,7 @@ def train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=leave_signals_to_the_main_process,
         # Its own generator: a DataLoader otherwise draws from the global RNG, which the
         # checkpoint restores, and resume would see a shifted stream of flips.
         generator=torch.Generator().manual_seed(seed),
@@ -294,6 +295,7 @@ def eval_loader(
         ImageSet(list(images)[rank::world], image_size),
         batch_size=batch_size,
         num_workers=num_workers,
+        worker_init_fn=leave_signals_to_the_main_process,
         generator=torch.Generator().manual_seed(0),
     )
 

@@ -9,6 +9,7 @@ with the same global batch. Images are read lazily from disk, so the set need no
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
@@ -24,6 +25,14 @@ _NORMAL, _DEFECT, _TARGET, _AUGMENT = range(4)  # independent random streams
 # Sides of a random target region, as shares of the image side: training, synthesis and
 # evaluation all draw their boxes from this range.
 BOX_SIDE = (0.35, 0.75)
+
+
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker's init: ignore Ctrl-C and SIGTERM, which reach the whole process group
+    (a terminal, a queue's cancel). The main process then checkpoints and stops, and its loader
+    shuts the workers down; a worker killed first would make the loader raise instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def select_classes(index: DatasetIndex, classes: Sequence[str] | None) -> list[int]:
@@ -157,6 +166,7 @@ def gan_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=leave_signals_to_the_main_process,
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
         # which would shift the noise-injection stream of a resumed run.
         generator=torch.Generator().manual_seed(stream.seed),

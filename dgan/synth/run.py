@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dgan.config import SynthConfig
 from dgan.data import DatasetIndex, image_files, open_dataset
-from dgan.data.loader import load_image, to_unit_range
+from dgan.data.loader import leave_signals_to_the_main_process, load_image, to_unit_range
 from dgan.errors import DganError
 from dgan.events import ConsoleEvents, Events
 from dgan.run.launch import (
@@ -322,6 +322,7 @@ class Pipeline:
             SynthItems(job),
             batch_sampler=_Batches(chunks, job.n, job.config.batch_size),
             num_workers=job.config.num_workers,
+            worker_init_fn=leave_signals_to_the_main_process,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if job.config.num_workers > 0 else None,
         )
