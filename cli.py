@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from jobs.cli import jobs_app  # the queue's commands import nothing heavy either
+
 app = typer.Typer(
     help="Defect-GAN: synthesize and restore surface defects, and train defect inspectors.\n\n"
     "Example: dgan demo",
@@ -28,6 +30,7 @@ config_app = typer.Typer(help="Show resolved configs and presets.", no_args_is_h
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(config_app, name="config")
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOpt = Annotated[
     list[str] | None,
@@ -690,6 +693,123 @@ def synth(
             f"({result.metrics['images_per_second']:.1f} images/s); {result.run_dir} holds all "
             f"{result.total}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# dgan tune: hyperparameter and loss-weight searches with Ray Tune
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("tune")
+@friendly
+def tune(
+    trials: Annotated[
+        int | None, typer.Option(help="Configurations to try (the population under PBT).")
+    ] = None,
+    space: Annotated[
+        str | None,
+        typer.Option(
+            help="losses (Eq. 11-12 weights), optim (learning rates), all, or a YAML file of "
+            "config keys with distributions."
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            metavar="METRIC",
+            help="Registered metric to optimise, its direction from dgan.metrics.registry "
+            "(default: realism_auc; fid with Inception weights; fid_inspector with an inspector).",
+        ),
+    ] = None,
+    scheduler: Annotated[str | None, typer.Option(help="asha, pbt or fifo.")] = None,
+    search: Annotated[
+        str | None, typer.Option(help="tpe (Optuna) or random; PBT samples at random.")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials at once (default: as many as fit).")
+    ] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs each trial holds.")] = None,
+    gpus_per_trial: Annotated[
+        float | None, typer.Option(help="GPUs each trial holds; 0.25 packs four on one GPU.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Study name: runs/tune/NAME (default: numbered).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Continue an interrupted study.")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Where Ray keeps checkpoints; on a cluster, shared storage (NFS, s3://)."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="An existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)."),
+    ] = None,
+    register_best: Annotated[
+        bool, typer.Option(help="Register the best trial's generator (defect-gan).")
+    ] = False,
+    promote_if_better: Annotated[
+        bool, typer.Option(help="With --register-best: move @champion only on improvement.")
+    ] = False,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (default: demo set).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Tune preset or YAML file (default: demo)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a tune key (grace_iterations=50) or a trial's GAN key "
+            "(gan.train.iterations=400); repeatable.",
+        ),
+    ] = None,
+) -> None:
+    """Search loss weights and learning rates with Ray Tune; print the best trials, ranked.
+
+    Each trial trains Defect-GAN in its Ray worker and reports at every periodic evaluation.
+    ASHA stops poor trials early; PBT copies better trials' checkpoints into worse ones and
+    perturbs their weights and learning rates. Results go to runs/tune/NAME, one MLflow parent
+    run with a child run per trial, and best.yaml (a preset for 'dgan train gan --config').
+
+    Example: dgan tune --trials 32 --scheduler asha --space all
+    """
+    from dgan.errors import DganError
+
+    values = {
+        "trials": trials, "space": space, "objective": objective, "scheduler": scheduler,
+        "search": search, "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
+        "gpus_per_trial": gpus_per_trial, "storage": storage, "address": address,
+        "gan.data.root": None if data is None else str(data), "gan.log.tracking_uri": tracking_uri,
+        "register_best": register_best or None, "promote_if_better": promote_if_better or None,
+    }  # fmt: skip
+    given = [k for k, v in values.items() if v is not None] + (["--config"] if config else [])
+    given += ["--set"] if set_ else []
+    if resume is not None and (given or name):
+        raise DganError(
+            f"--resume {resume} continues the study with its own saved config; drop "
+            f"{', '.join(given + (['--name'] if name else []))}",
+            exit_code=2,
+        )
+    overrides = [f"{k}={json.dumps(v)}" for k, v in values.items() if v is not None]
+    from dgan.config import load_config
+    from dgan.tune.study import run_study
+
+    cfg = load_config("tune", config or ["demo"], [*overrides, *(set_ or [])])
+    result = run_study(cfg, name=name, resume=resume)
+    typer.echo(result.format())
+    if result.best_config is not None:
+        typer.echo(f"best config: {result.best_config}")
+        typer.echo(f"  train it: dgan train gan --config {result.best_config}")
+    typer.echo(
+        f"compare the trials in the MLflow UI: the children of run {result.parent_run_id} "
+        "(experiment defect-gan)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

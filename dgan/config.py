@@ -180,6 +180,9 @@ class GanEvalConfig(Section):
     # defacements from real defects and its restorations from real normals (0.5: indistinguishable).
     realism: bool = True
     realism_n: int = Field(600, ge=4)  # real training defects it uses, at most
+    # Adam steps of the test's classifier (dgan.metrics.realism.STEPS). Fewer make a cheaper,
+    # blunter test, e.g. for the many short evaluations of a `dgan tune` study.
+    realism_steps: int = Field(300, ge=1)
 
 
 class GanConfig(Section):
@@ -358,17 +361,84 @@ class SynthConfig(Section):
 
 
 class TuneConfig(Section):
-    """Everything one `dgan tune` search needs."""
+    """Everything one `dgan tune` study needs (dgan.tune): the search, its scheduler, resources,
+    and the Defect-GAN config every trial starts from.
 
-    trials: int = Field(32, ge=1)
-    metric: str = "fid_inspector"
-    mode: Literal["min", "max"] = "min"
-    max_iterations: int = Field(20_000, ge=1)
-    grace_iterations: int = Field(2_000, ge=1)  # ASHA grace period
+    That base is the GAN presets `base` (e.g. demo) with the GAN keys `gan` on top, nested as in
+    a GAN preset. Each trial trains its schedule (`gan.train.iterations`) and reports to Ray Tune
+    at each of its periodic evaluations (`gan.log.eval_every`).
+    """
+
+    base: list[str] = ["demo"]  # GAN presets or YAML files the trials start from
+    gan: dict[str, Any] = {}  # GAN keys on top of `base`, nested: {train: {iterations: 800}}
+    trials: int = Field(32, ge=1)  # configurations tried (the initial population under PBT)
+    # losses: the five weights of Eq. 11-12; optim: the two learning rates of Sec. 4.1; all: both;
+    # or a YAML file naming config keys with distributions (dgan.tune.space).
+    space: str = "all"
+    # A metric of dgan.metrics.registry. None: fid with Inception weights, else fid_inspector
+    # with gan.eval.inspector, else realism_auc (dgan.tune.study.default_objective).
+    objective: str | None = None
+    mode: Literal["min", "max"] | None = None  # None: the objective's registered direction
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    # Optuna's TPE or random sampling; None: tpe, but random under PBT (Ray runs PBT without a
+    # search algorithm: its population is sampled at random).
+    search: Literal["tpe", "random"] | None = None
+    seed: int = 0  # of the search (the trials' own seed is gan.train.seed, shared by all)
+    # Trial 0 trains the base config's own values, so the table says whether the search beat it.
+    include_default: bool = True
+    # ASHA (Li et al. 2020): no trial is stopped before this many iterations; at each rung only
+    # the best 1/reduction_factor go on.
+    grace_iterations: int = Field(100, ge=1)
+    reduction_factor: float = Field(4.0, gt=1)  # ASHA's eta; 4 as in Ray and the ASHA paper
+    # PBT (Jaderberg et al. 2017): every pbt_interval iterations, a trial in the bottom
+    # pbt_quantile copies the checkpoint of one in the top and perturbs its schedulable keys
+    # (x0.8 or x1.2, or a fresh sample with probability pbt_resample), within the space's range.
+    pbt_interval: int = Field(200, ge=1)
+    pbt_quantile: float = Field(0.25, gt=0, le=0.5)
+    pbt_resample: float = Field(0.25, ge=0, le=1)
+    pbt_synch: bool = False  # wait for the whole population at each interval
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many as the resources allow
     cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    storage_path: Path = Path("runs/tune")
-    base: GanConfig = GanConfig()
+    gpus_per_trial: float = Field(0.0, ge=0)  # fractional: 0.25 packs four trials on one GPU
+    root: Path = Path("runs/tune")  # each study's directory is root/NAME
+    # Where Ray keeps trial checkpoints and the experiment state: None is the study directory;
+    # on a cluster it must be shared storage (an NFS mount, s3://...) that every node reaches.
+    storage: str | None = None
+    address: str | None = None  # an existing Ray cluster; None: $RAY_ADDRESS, else a local Ray
+    register_best: bool = False  # register the best trial's generator (gan.log.registered_model)
+    promote_if_better: bool = False  # and move its @champion only when the objective improves
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(
+                f"gpus_per_trial={self.gpus_per_trial}: above 1 it must be a whole number (Ray "
+                "packs fractions of one GPU only)"
+            )
+        if self.promote_if_better and not self.register_best:
+            raise ValueError(
+                "promote_if_better needs register_best: only a registered version moves"
+            )
+        self.gan_config()  # the base GAN config is valid before anything starts
+        return self
+
+    def gan_config(self) -> GanConfig:
+        """The trials' base Defect-GAN config: the presets `base`, then the keys `gan`."""
+        return build_gan_config(self.base, self.gan)
+
+
+def build_gan_config(presets: list[str], keys: dict[str, Any]) -> GanConfig:
+    """A GanConfig from GAN presets (or YAML files) and nested keys on top; DganError naming each
+    bad key as `gan.<section>.<key>`."""
+    data: dict[str, Any] = {}
+    for name in presets:
+        data = _merge(data, _read_yaml(preset_path("gan", name)))
+    data = _merge(data, keys)
+    try:
+        return GanConfig.model_validate(data)
+    except ValidationError as err:
+        text = format_validation_error(GanConfig, err).replace("\n  ", "\n  gan.")
+        raise DganError(text, exit_code=2) from None
 
 
 JOB_CONFIGS: dict[str, type[Section]] = {

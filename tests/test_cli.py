@@ -27,7 +27,7 @@ def test_help_imports_neither_torch_nor_mlflow_nor_ray():
     code = (
         "import sys, cli\n"
         "try:\n    cli.app(['--help'])\nexcept SystemExit:\n    pass\n"
-        "for group in ('data', 'train', 'config'):\n"
+        "for group in ('data', 'train', 'config', 'jobs', 'tune'):\n"
         "    try:\n        cli.app([group, '--help'])\n    except SystemExit:\n        pass\n"
         "print(sorted(m for m in ('torch', 'mlflow', 'ray', 'accelerate') if m in sys.modules))"
     )

@@ -46,6 +46,7 @@ class RealismInputs:
     to_deface: Tensor  # (N, 3, S, S) uint8 normals, defaced with `labels`
     normals: Tensor  # (N, 3, S, S) uint8 other real normals, against the restorations
     identity: str  # of the real files, for the floors' cache
+    steps: int = STEPS  # the two-sample classifier's training steps (dgan.metrics.realism)
 
     @property
     def n(self) -> int:
@@ -64,8 +65,12 @@ def make_realism_inputs(
     image_size: int,
     seed: int,
     n: int = DEFAULT_N,
+    steps: int = STEPS,
 ) -> RealismInputs:
-    """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer)."""
+    """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer).
+
+    `steps`: the classifier's training steps in the tests these inputs feed (their floors'
+    cache key)."""
     defects = real_defects(index, split, columns)
     normals = sorted(index.select(split, normal=True), key=lambda s: str(s.path))
     require_images(len(defects), f"the realism test on split {split!r}", "real defects", 4)
@@ -85,7 +90,8 @@ def make_realism_inputs(
         [label_set_name(row, classes) for row in labels.tolist()],
         load_images(picked[:count], image_size),
         load_images(picked[count:], image_size),
-        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{STEPS}",
+        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}",
+        steps,
     )
 
 
@@ -120,10 +126,13 @@ def realism_figures(
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
     set_accuracy_<set> and restored_called_normal too."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
-    defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups)
+    steps = inputs.steps
+    defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups, steps=steps)
     figures = {"realism_auc": defaced.auc}
     figures |= {f"realism_auc_{g}": v for g, v in defaced.groups.items()}
-    figures["realism_auc_restored"] = two_sample_test(inputs.normals, restored, seed).auc
+    figures["realism_auc_restored"] = two_sample_test(
+        inputs.normals, restored, seed, steps=steps
+    ).auc
     if inspector is not None:
         figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
     return figures
@@ -152,7 +161,9 @@ def realism_floors(inputs: RealismInputs, seed: int, cache_dir: Path | None) -> 
         return json.loads(path.read_text())
 
     def floor(images: Tensor) -> float:  # NaN when the halves are too small to test
-        return halves_test(images, seed).auc if len(images) >= 8 else float("nan")
+        if len(images) < 8:
+            return float("nan")
+        return halves_test(images, seed, steps=inputs.steps).auc
 
     floors = {"realism_floor": floor(inputs.defects), "realism_floor_normal": floor(inputs.normals)}
     if path is not None:

@@ -91,6 +91,10 @@ class TrainingJob:
     # Config keys that may differ between a checkpoint and its resume: they change where a run
     # logs, reads or stops, not what its weights mean.
     resumable_keys: ClassVar[tuple[str, ...]] = ("log.", "data.num_workers", "data.root")
+    # Exact keys that a scheduler may change between a checkpoint and its resume (population-based
+    # training's explore step), because the job reads them afresh at every step. Only a caller
+    # that asks for it (launch_training's schedule_changes) may resume across a change of them.
+    schedulable_keys: ClassVar[tuple[str, ...]] = ()
     guarded_terms: ClassVar[tuple[str, ...]]  # loss terms that must stay finite
 
     config: Any
@@ -205,15 +209,25 @@ class NonFiniteGuard:
             )
 
 
-def check_compatible(state: dict, config, classes: list[str], keys: tuple[str, ...], where) -> None:
-    """Refuse a checkpoint from another config (but `keys`) or another class list."""
+def check_compatible(
+    state: dict,
+    config,
+    classes: list[str],
+    keys: tuple[str, ...],
+    where,
+    relaxed: tuple[str, ...] = (),
+) -> None:
+    """Refuse a checkpoint from another config (but the prefixes `keys`, and the exact keys
+    `relaxed`, which a scheduler changed on purpose) or another class list."""
     if state.get("config_hash") != config_hash(config, keys):
         saved, now = json.loads(state.get("config_json", "{}")), flatten(config)
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
             for k in sorted(set(saved) | set(now))
-            if not k.startswith(keys) and saved.get(k) != now.get(k)
+            if not k.startswith(keys) and k not in relaxed and saved.get(k) != now.get(k)
         ]
+        if relaxed and saved and not diffs:  # only the scheduler's keys differ
+            return
         raise DganError(
             f"checkpoint {where} comes from an incompatible config:\n  "
             + "\n  ".join(diffs or ["(unknown config)"])
@@ -236,8 +250,10 @@ class Harness:
         accelerator,
         events: Events,
         callback: Callback | None,
+        schedule_changes: bool = False,
     ) -> None:
         self.job, self.run_dir, self.accelerator = job, Path(run_dir), accelerator
+        self.schedule_changes = schedule_changes  # resume across job.schedulable_keys changes
         self.main = accelerator.is_main_process
         self.events = events if self.main else Events()
         self.callback = callback
@@ -261,7 +277,8 @@ class Harness:
     def restore(self, path: Path) -> int:
         state, rng = ckpt.load_checkpoint(path, self.accelerator.process_index)
         job = self.job
-        check_compatible(state, job.config, job.classes, job.resumable_keys, path)
+        relaxed = job.schedulable_keys if self.schedule_changes else ()
+        check_compatible(state, job.config, job.classes, job.resumable_keys, path, relaxed)
         job.load_state_dict(state)
         ckpt.restore_rng(rng, self.accelerator.device)
         self.saved_at, self.last_checkpoint = ckpt.checkpoint_iteration(path), path
@@ -513,6 +530,10 @@ def run_training(
     resume: Path | None = None,
     callback: Callback | None = None,
     stop_at: int | None = None,
+    schedule_changes: bool = False,
 ) -> JobResult:
-    """Train `job` into `run_dir` (every process calls this). See the module docstring."""
-    return Harness(job, run_dir, accelerator, events, callback).run(resume, stop_at)
+    """Train `job` into `run_dir` (every process calls this). See the module docstring.
+
+    `schedule_changes`: a resume may differ from its checkpoint in `job.schedulable_keys`."""
+    harness = Harness(job, run_dir, accelerator, events, callback, schedule_changes)
+    return harness.run(resume, stop_at)

@@ -137,6 +137,7 @@ def launch_training(
     tags: dict[str, str] | None = None,
     check_data: bool = True,
     quiet: bool = False,
+    schedule_changes: bool = False,
 ) -> JobResult:
     """Train `job_type` on `gpus` processes (see the module docstring); returns its result.
 
@@ -145,7 +146,9 @@ def launch_training(
     checkpoint (dgan.run.result.Report) and may answer Directive.CHECKPOINT or STOP; it runs in
     this process, so it needs the job here: one process, or every process of a launcher the user
     started. `stop_at` pauses the run (TrainingJob.pause_step). `tags` go onto its MLflow run.
-    `check_data=False` skips decoding every image before the run.
+    `check_data=False` skips decoding every image before the run. `schedule_changes=True` lets
+    `resume` take a checkpoint whose config differs in the job's `schedulable_keys` (a Ray Tune
+    PBT exploit); the CLI's --resume never sets it.
     """
     from dgan.run.harness import run_training
 
@@ -164,12 +167,22 @@ def launch_training(
         config, run_dir, resume_path = prepare_on_main(accelerator, prepare)
         events = main_only(events, accelerator)
         job = job_type(config, accelerator, events)
-        return run_training(job, run_dir, accelerator, events, resume_path, callback, stop_at)
+        return run_training(
+            job, run_dir, accelerator, events, resume_path, callback, stop_at, schedule_changes
+        )
     config, run_dir, resume_path = prepare()
     if gpus == 1:
         accelerator = make_accelerator(job_type.kind, config.train.mixed_precision, None)
         job = job_type(config, accelerator, events)
-        return run_training(job, run_dir, accelerator, events, resume_path, callback, stop_at)
+        return run_training(
+            job, run_dir, accelerator, events, resume_path, callback, stop_at, schedule_changes
+        )
+    if schedule_changes:
+        raise DganError(
+            "schedule_changes (a scheduler's resume) needs the job in the calling process; with "
+            "gpus > 1 start the job under torchrun or accelerate launch",
+            exit_code=2,
+        )
     if callback is not None:
         raise DganError(
             "a metrics callback runs in the calling process; with gpus > 1 start the job under "

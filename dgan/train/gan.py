@@ -313,6 +313,13 @@ class GanJob(TrainingJob):
     kind = "gan"
     step_name = "iteration"
     resumable_keys = ("log.", "eval.", "train.iterations", "data.num_workers", "data.root")
+    # Read from the config at every step (set_learning_rates, d_step, g_step), so a population-
+    # based-training exploit may resume another trial's checkpoint with these perturbed.
+    schedulable_keys = (
+        "loss.lambda_gp", "loss.lambda_cls_r", "loss.lambda_cls_f", "loss.lambda_rec",
+        "loss.lambda_sd_cyc", "loss.lambda_sd_con", "loss.lambda_outside",
+        "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
+    )  # fmt: skip
     guarded_terms = (*D_TERMS, *G_TERMS)
     divergence_advice = (
         "Lower the learning rates (train.lr_g, train.lr_d), or use mixed_precision=no, and "
