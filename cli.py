@@ -5,7 +5,6 @@ Heavy libraries (torch, mlflow, ray) are imported inside the commands, so `--hel
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from dgan.errors import friendly
 from jobs.cli import jobs_app  # the queue's commands import nothing heavy either
 
 app = typer.Typer(
@@ -60,25 +60,6 @@ TrackingOpt = Annotated[
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
     ),
 ]
-
-
-def friendly(fn):
-    """Print DganError as a message (no traceback) and exit with its code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dgan.errors import DganError
-
-        try:
-            return fn(*args, **kwargs)
-        except DganError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The one exception type that the CLI turns into a message without a traceback."""
+"""The one exception type that the CLI turns into a message without a traceback, and the
+decorator that does so for every command (`dgan ...` and `dgan jobs ...`)."""
+
+import functools
 
 
 class DganError(Exception):
@@ -10,3 +13,23 @@ class DganError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def friendly(command):
+    """A CLI command that prints a DganError as one line on stderr and exits with its code, and
+    exits 130 on Ctrl-C: never a traceback for bad input."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import typer
+
+        try:
+            return command(*args, **kwargs)
+        except DganError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper

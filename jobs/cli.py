@@ -6,7 +6,6 @@ worker starts every job in a process of its own.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from dgan.errors import friendly
 
 jobs_app = typer.Typer(
     help="The job queue: queue training, synthesis and evaluation jobs (alone or as a pipeline) "
@@ -32,25 +33,6 @@ DbOpt = Annotated[
     ),
 ]
 JobArg = Annotated[int, typer.Argument(help="The job's id (dgan jobs list).")]
-
-
-def friendly(fn):
-    """As cli.friendly (which imports this module, so it is not imported from there): a
-    DganError is printed as a message, without a traceback, and sets the exit status."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dgan.errors import DganError
-
-        try:
-            return fn(*args, **kwargs)
-        except DganError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def _open(db: Path | None, create: bool = False):
