@@ -464,7 +464,7 @@ class Harness:
                 **job.run_tags(),
                 **status.get("mlflow_tags", {}),
             }
-        return Tracker(
+        tracker = Tracker(
             enabled=self.main,
             uri=log.tracking_uri,
             experiment=log.experiment,
@@ -473,6 +473,9 @@ class Harness:
             tags=tags,
             run_id=status.get("mlflow_run_id"),
         )
+        if tags is not None:  # a new run: its training set as an MLflow dataset input
+            tracker.log_dataset(job.config.data.root, tags["dgan.dataset_hash"])
+        return tracker
 
     def result(self, state: str, step: int, fields: dict | None, t0: float) -> JobResult:
         """The typed result; on the main process its metrics are read back from MLflow."""
