@@ -182,3 +182,17 @@ def test_demo_refuses_bad_sizes_before_doing_anything(tmp_path):
     assert bad.returncode == 2
     assert "--n must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_check_step_benchmark_runs_and_prints_both_batches_on_the_cpu(tmp_path):
+    script = REPO / "benchmarks" / "gpu_check.py"
+    args = ["--preset", "demo", "--size", "32", "--width", "8", "--max-batch", "8"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--cycles", "1", "--precision", "no"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fp32  batch    4:" in done.stdout and "largest batch that fits" in done.stdout
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")]).returncode == 0
