@@ -127,9 +127,8 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, *argv], check=False)
         return
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(
-        f"{args.precision[0]}: device: {device}; preset {args.preset} at {args.size} px; torch {torch.__version__}"
-    )
+    where = f"device: {device}; preset {args.preset} at {args.size} px; torch {torch.__version__}"
+    print(f"{args.precision[0]}: {where}")
     for precision in args.precision:
         name = "fp32" if precision == "no" else precision
         first = run(args.preset, args.size, 4, args.width, precision, args.cycles)
