@@ -140,18 +140,34 @@ def test_ui_serves_the_store_on_localhost_links_each_experiment_and_stops_with_i
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
         server = [
-            pid for pid in os.listdir("/proc") if pid.isdigit()
+            int(pid) for pid in os.listdir("/proc") if pid.isdigit()
             and f"--port\0{port}\0".encode() in _cmdline(pid) and b"mlflow" in _cmdline(pid)
         ]  # fmt: skip
         assert server, "no mlflow server process found"
+        group = os.getpgid(server[0])  # the server and its workers: one process group
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         time.sleep(1)
-        assert not [pid for pid in server if Path(f"/proc/{pid}").exists()]
+        assert not _group_members(group)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)  # the CLI stops its server
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _group_members(group: int) -> list[int]:
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) == group:
+                members.append(int(pid))
+        except ProcessLookupError:
+            pass
+    return members
 
 
 def _cmdline(pid: str) -> bytes:
