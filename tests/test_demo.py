@@ -66,6 +66,8 @@ def test_the_demo_runs_every_step_through_the_queue_and_prints_a_summary(demo_di
     summary = (workdir / "runs" / "demo" / "summary.md").read_text()
     assert "held-out family" in summary and "real + synthetic" in summary
     assert summary.strip() in out
+    # The trainers say where to compare their runs: the Model training view of the experiment.
+    assert "compare runs: dgan ui, then http://127.0.0.1:5000/#/experiments/" in out
     for where in ("sample grid:", "the queue's jobs: dgan jobs list --queue demo", "dgan ui"):
         assert where in out
 

@@ -334,7 +334,9 @@ class Harness:
                 self.run_dir, state="running", classes=job.classes,
                 mlflow_run_id=self.tracker.run_id, **job.status_fields(),
             )  # fmt: skip
-            events.info(f"MLflow run {self.tracker.run_id} ({self.tracker.uri})")
+            events.info(
+                f"MLflow run {self.tracker.run_id} ({self.tracker.uri}); {self.tracker.ui()}"
+            )
         job.begin(start, self.run_dir)
         events.begin(start)
         interrupt = InterruptFlag()

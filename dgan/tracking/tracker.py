@@ -110,6 +110,7 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment, self.experiment_id = experiment, exp_id
         if run_id is None:
             run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
             self.run_id = run.info.run_id
@@ -127,6 +128,15 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def ui(self) -> str:
+        """Where to compare this run with the others: the runs table of its experiment."""
+        from dgan.tracking.ui import experiment_link
+
+        served = self.uri.startswith(("http://", "https://"))
+        base = self.uri.rstrip("/") if served else "http://127.0.0.1:5000"
+        link = experiment_link(base, self.experiment_id, self.experiment)
+        return f"compare runs: {link}" if served else f"compare runs: dgan ui, then {link}"
 
     def log_dataset(self, root: Path, digest: str, context: str = "training") -> None:
         """Log the data as an MLflow dataset input: the UI's Dataset column shows its name and
