@@ -62,6 +62,83 @@ TrackingOpt = Annotated[
 ]
 
 
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        help="Run the job on N Ray Train workers of a Ray cluster (one process each, on any "
+        "node): see --ray-address. Without it the job runs on this machine (--gpus).",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="ADDRESS",
+        help="With --workers: the cluster's HOST:PORT, 'auto' (the one 'ray start' runs on this "
+        "machine) or 'local' (start a Ray on 127.0.0.1 for this run). Default: $RAY_ADDRESS.",
+    ),
+]
+GpusPerWorkerOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="G",
+        help="With --workers: GPUs of each worker (nccl); 0 runs CPU workers (gloo). Default: 1 "
+        "on a cluster with GPUs, else 0.",
+    ),
+]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PATH",
+        help="With --workers: the run root (run directory, checkpoints) on storage every node "
+        "mounts. Default: log.run_root when every node runs on this machine; required otherwise.",
+    ),
+]
+
+
+def _ray_overrides(
+    workers: int | None,
+    gpus: int,
+    ray_address: str | None,
+    gpus_per_worker: int | None,
+    storage: str | None,
+) -> list[str]:
+    """Check the Ray Train options before any work; --storage becomes the run root (so that
+    --resume latest looks there)."""
+    from dgan.errors import DganError
+
+    if workers is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--ray-address", ray_address),
+                ("--gpus-per-worker", gpus_per_worker),
+                ("--storage", storage),
+            )
+            if value is not None
+        ]
+        if given:
+            raise DganError(
+                f"{', '.join(given)} go{'es' * (len(given) == 1)} with --workers N (a Ray Train "
+                "job); add --workers, or leave them out to train on this machine",
+                exit_code=2,
+            )
+        return []
+    from dgan.run.ray_train import check_scaling
+
+    check_scaling(workers, gpus, gpus_per_worker)
+    return [] if storage is None else [f"log.run_root={json.dumps(str(storage))}"]
+
+
+def _train_on_ray(job_type, cfg, resume, workers, ray_address, gpus_per_worker, storage, **kw):
+    from dgan.run.ray_train import train_on_ray
+
+    return train_on_ray(
+        job_type, cfg, resume=resume, workers=workers, gpus_per_worker=gpus_per_worker,
+        address=ray_address, storage=storage, **kw,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # dgan data
 # ---------------------------------------------------------------------------------------------
@@ -184,14 +261,22 @@ def train_gan(
     promote_if_better: PromoteOpt = None,
     name: Annotated[str, typer.Option(help="Suffix of the run directory name.")] = "gan",
     quiet: Annotated[bool, typer.Option(help="Plain progress lines, no live bar.")] = False,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Train Defect-GAN. With no arguments: the demo preset on the demo dataset (made if absent).
 
     A finished run registers its generator as a new version of the MLflow model defect-gan.
+    With --workers N it runs as one Ray Train job on N workers of a Ray cluster.
 
     Example: dgan train gan --config demo --set train.iterations=2000 --gpus 2
+
+    Example: dgan train gan --workers 8 --gpus-per-worker 1 --ray-address auto --storage /nfs/runs
     """
-    overrides = list(set_ or [])
+    overrides = _ray_overrides(workers, gpus, ray_address, gpus_per_worker, storage)
+    overrides += list(set_ or [])
     if data is not None:
         overrides.append(f"data.root={data}")
     if tracking_uri is not None:
@@ -199,9 +284,17 @@ def train_gan(
     if promote_if_better is not None:
         overrides.append(f"log.promote_if_better={json.dumps(promote_if_better)}")
     cfg = _gan_config(config, overrides, resume)
-    from dgan.train.gan import run_gan
+    if workers is not None:
+        from dgan.train.gan import GanJob
 
-    result = run_gan(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
+        result = _train_on_ray(
+            GanJob, cfg, resume, workers, ray_address, gpus_per_worker, storage,
+            quiet=quiet, run_name=name,
+        )  # fmt: skip
+    else:
+        from dgan.train.gan import run_gan
+
+        result = run_gan(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
     if os.environ.get("RANK", "0") == "0":  # once, also under torchrun / accelerate launch
         typer.echo(f"run directory: {result.run_dir}")
 
@@ -229,33 +322,70 @@ def config_show(
 @friendly
 def demo(
     iterations: Annotated[
-        int | None, typer.Option(help="Override the demo preset's length.")
+        int | None, typer.Option(help="Defect-GAN iterations (default: the demo preset's).")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Inspector epochs (default: the inspector's demo preset).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Synthesized defects per set (two sets).")] = 1000,
+    eval_n: Annotated[
+        int | None, typer.Option(help="Inputs per split of the evaluation (default up to 500).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="The demo's state, summary and synthesized sets.")
+    ] = Path("runs/demo"),
+    data: Annotated[Path, typer.Option(help="Where the demo dataset is made (or found).")] = Path(
+        "data/demo"
+    ),
+    realism: Annotated[
+        bool, typer.Option(help="Run the realism test (a fresh classifier's AUC).")
+    ] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(envvar="DGAN_JOBS_DB", help="The job queue's database (runs/jobs.db)."),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Plain progress lines.")] = False,
 ) -> None:
-    """The whole product on 2 CPU cores: make the demo set, check it, train Defect-GAN on it.
+    """The whole product end to end on 2 CPU cores: the demo set, Defect-GAN, its evaluation
+    (realism, category control, background), the champion alias, synthesis from
+    models:/defect-gan@champion (also onto a new surface's normals) and an inspector retrained on
+    it through the job queue, both inspectors scored on the test split and the held-out family,
+    and a summary table. A rerun skips every step whose output is there: an interrupted demo
+    continues where it stopped.
 
-    Example: dgan demo --iterations 500
+    Example: dgan demo --iterations 2000 --n 500
     """
-    from dgan.data import ensure_demo_dataset
-    from dgan.data.check import check_dataset
+    from dgan.demo import Demo, DemoOptions
 
-    root = ensure_demo_dataset()
-    report = check_dataset(root)
-    typer.echo(report.format())
-    overrides = [f"data.root={root}"]
-    if iterations is not None:
-        overrides.append(f"train.iterations={iterations}")
-    from dgan.config import load_config
-    from dgan.train.gan import run_gan
+    options = DemoOptions(
+        out=out, data=data, iterations=iterations, epochs=epochs, n=n, eval_n=eval_n,
+        realism=realism, tracking_uri=tracking_uri, jobs_db=db, quiet=quiet,
+    )  # fmt: skip
+    run = Demo(options)
+    typer.echo(run.run())
+    typer.echo(run.where_to_look())
 
-    cfg = load_config("gan", ["demo"], overrides)
-    run_dir = run_gan(cfg, quiet=quiet, run_name="demo").run_dir
-    grids = sorted((run_dir / "samples").glob("*.png"))
-    typer.echo(f"run directory: {run_dir}")
-    if grids:
-        typer.echo(f"latest sample grid: {grids[-1]}")
-    typer.echo("compare runs: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
+
+@app.command("ui")
+@friendly
+def ui(
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="The store to show (default: the project's, mlflow.db).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
+) -> None:
+    """The MLflow UI on the project's tracking store, with a link to each experiment's run table
+    (the "Model training" view, where runs are compared). Ctrl-C stops it.
+
+    Example: dgan ui --port 5000
+    """
+    from dgan.tracking.ui import serve_ui
+
+    raise typer.Exit(serve_ui(tracking_uri, host, port, typer.echo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +476,10 @@ def train_inspector(
     promote_if_better: PromoteOpt = None,
     name: Annotated[str, typer.Option(help="Suffix of the run directory name.")] = "inspector",
     quiet: Annotated[bool, typer.Option(help="Plain progress lines, no live bar.")] = False,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Train the defect inspector on real images, optionally mixed with synthesized ones.
 
@@ -354,16 +488,27 @@ def train_inspector(
     registered as a new version of the MLflow model defect-inspector.
 
     Example: dgan train inspector --promote-if-better val_multi_target_accuracy --gpus 2
+
+    Example: dgan train inspector --config paper --workers 4 --ray-address auto --storage /nfs/runs
     """
-    overrides = _inspector_overrides(
+    overrides = _ray_overrides(workers, gpus, ray_address, gpus_per_worker, storage)
+    overrides += _inspector_overrides(
         set_, data, synthetic, arch, pretrained, grl, defect_fraction, tracking_uri
     )
     if promote_if_better is not None:
         overrides.append(f"log.promote_if_better={json.dumps(promote_if_better)}")
     cfg = _inspector_config(config, overrides, resume)
-    from dgan.train.inspector import run_inspector
+    if workers is not None:
+        from dgan.train.inspector import InspectorJob
 
-    result = run_inspector(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
+        result = _train_on_ray(
+            InspectorJob, cfg, resume, workers, ray_address, gpus_per_worker, storage,
+            quiet=quiet, run_name=name,
+        )  # fmt: skip
+    else:
+        from dgan.train.inspector import run_inspector
+
+        result = run_inspector(cfg, resume=resume, gpus=gpus, quiet=quiet, run_name=name)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"run directory: {result.run_dir}")
 

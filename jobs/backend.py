@@ -5,8 +5,9 @@ first) or stops it at once, and reports its progress. Everything else stays in t
 priorities, dependencies, leases, retries with backoff, preemption and cancellation.
 
 `LocalBackend` runs each attempt as a process group on this machine (`python -m jobs.runner`).
-Another backend (a Ray cluster) implements the same five methods and returns the same `Exit`:
-the runner's `execute` gives the outcome wherever it runs.
+`RayBackend` (jobs/ray_backend.py) runs it on a node of a Ray cluster, and also tells the worker
+what the cluster's nodes have free (`nodes`), so that the worker claims only what fits. Both
+return the same `Exit`: the runner's `execute` gives the outcome wherever it runs.
 """
 
 from __future__ import annotations
@@ -39,15 +40,37 @@ class Launch:
     log: Path
     devices: tuple[str, ...]  # the GPU ids (or CPU slot numbers) the attempt holds
     gpu_ids: bool  # True: `devices` are GPU ids, given to the job as CUDA_VISIBLE_DEVICES
+    node: str | None = None  # a cluster's node the scheduler planned it on (a preference)
 
 
 @dataclass(frozen=True)
 class Exit:
     """How an attempt ended: its exit status and the outcome the runner reported (None when it
-    died before it could: killed, or out of memory)."""
+    died before it could: killed, or out of memory). `lost` says why, when the machine that ran
+    it went away (a Ray node died): the job goes back to the queue without counting a failure."""
 
     code: int | None
     outcome: dict[str, Any] | None
+    lost: str | None = None
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A cluster's nodes as the scheduler sees them: the free and total units of each (GPUs, or
+    CPUs on a cluster without GPUs), by node id."""
+
+    unit: str  # "GPU" or "CPU"
+    free: dict[str, int]
+    total: dict[str, int]
+    name: str  # for people: "the Ray cluster at 10.0.0.5:6379"
+
+    @property
+    def largest(self) -> int:
+        return max(self.total.values(), default=0)
+
+    @property
+    def units(self) -> int:
+        return sum(self.total.values())
 
 
 class Backend(Protocol):
@@ -70,6 +93,10 @@ class Backend(Protocol):
 
     def pid(self, handle: Any) -> int | None:
         """The process id to record, where the attempt is a local process."""
+
+    def where(self, handle: Any) -> str | None:
+        """Where it runs, once the backend has placed it (a Ray node and its GPUs); None when
+        there is nothing new to record."""
 
 
 @dataclass
@@ -145,6 +172,9 @@ class LocalBackend:
 
     def pid(self, handle: LocalProcess) -> int | None:
         return handle.popen.pid
+
+    def where(self, handle: LocalProcess) -> str | None:
+        return None  # the devices the worker gave it, recorded when it was claimed
 
 
 def kill_orphan(pid: int | None) -> bool:

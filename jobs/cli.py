@@ -91,13 +91,28 @@ def _warn_capacity(store, job: int, gpus: int, queue: str) -> None:
         )
         return
     largest = serving[0]
+    if _spread(store.get(job)):
+        return  # its Ray Train workers may sit on several nodes
     if gpus > largest["capacity"]:
+        offers = (
+            f"the largest node of the Ray cluster at {largest['cluster']}, which "
+            f"{largest['id']} dispatches to, has {largest['capacity']} {largest['unit']}s"
+            if largest["cluster"]
+            else f"the largest, {largest['id']}, has {largest['capacity']}"
+        )
         typer.echo(
             f"warning: job {job} asks for {gpus} GPUs, more than any worker of queue {queue!r} "
-            f"offers (the largest, {largest['id']}, has {largest['capacity']}). It stays queued "
-            f"until a worker with {gpus} starts; 'dgan jobs cancel {job}' removes it.",
+            f"offers ({offers}). It stays queued until a worker with {gpus} starts; "
+            f"'dgan jobs cancel {job}' removes it.",
             err=True,
         )
+
+
+def _spread(row) -> bool:
+    """A training job of several Ray Train workers: its GPUs may come from several nodes."""
+    from jobs.ray_backend import job_demand
+
+    return job_demand(row["gpus"], json.loads(row["spec"]))[0] > 1
 
 
 def _warn_blocked(store, ids: list[int]) -> None:
@@ -294,10 +309,17 @@ def _waiting_reason(store, row) -> str | None:
     serving = [w for w in store.live_workers() if row["queue"] in w["queues"].split(",")]
     if not serving:
         return f"no worker serves queue {row['queue']!r} (dgan jobs worker --queue {row['queue']})"
-    if row["gpus"] > serving[0]["capacity"]:
+    largest = serving[0]
+    if row["gpus"] > largest["capacity"] and not _spread(row):
+        if largest["cluster"]:
+            return (
+                f"needs {row['gpus']} {largest['unit']}s; the largest node of the Ray cluster at "
+                f"{largest['cluster']} has {largest['capacity']} {largest['unit']}s (worker "
+                f"{largest['id']} dispatches there); it starts when a node that large joins"
+            )
         return (
             f"needs {row['gpus']} GPUs; the largest worker of queue {row['queue']!r} offers "
-            f"{serving[0]['capacity']}"
+            f"{largest['capacity']}"
         )
     return "waits for free GPUs or slots, behind jobs of higher priority or submitted earlier"
 
@@ -364,7 +386,7 @@ def _show_lines(record, attempts, deps, dependents, waiting) -> list[str]:
     if result.get("mlflow_link"):
         uri = result.get("tracking_uri", "")
         serve = "" if uri.startswith("http") else (
-            f" (start the UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)"
+            f" (start the UI: dgan ui --tracking-uri {uri})"
         )  # fmt: skip
         field("MLflow UI", result["mlflow_link"] + serve)
     if result.get("registered_version"):
@@ -515,17 +537,60 @@ def worker(
         bool,
         typer.Option(help="Exit once no job it could run is queued or running (drain and go)."),
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="local: run jobs on this machine's GPUs or slots. ray: dispatch them to a "
+            "running Ray cluster (--address), which places each on a node with the GPUs it asks."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --backend ray: the cluster's head as HOST:PORT (default: $RAY_ADDRESS). "
+            "The worker joins it and never starts one; run it on a node of the cluster."
+        ),
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """Drain the queue: claim jobs by priority, run each in its own process group with its log
     in a file, hold their leases by heartbeat. Several workers may share one queue. Ctrl-C or
     SIGTERM: running jobs checkpoint and go back to the queue.
 
+    With --backend ray the worker dispatches to a Ray cluster: it claims what fits the free GPUs
+    of the cluster's nodes and each attempt runs on a node as a Ray actor; logs, retries,
+    cancel and resume work as with local jobs. Keep --db on a local disk; the jobs/ directory
+    beside it and the directories jobs were submitted from must be on storage that every node
+    mounts at the same path.
+
     Example: dgan jobs worker --gpus 0,1,2,3 --queue default
+
+    Example: dgan jobs worker --backend ray --address 10.0.0.5:6379
     """
+    import os
+
     from dgan.errors import DganError
     from jobs.worker import Worker, detect_gpus
 
+    if backend not in ("local", "ray"):
+        raise DganError(f"--backend {backend!r}: choose local or ray", exit_code=2)
+    if backend == "ray":
+        _check_ray_flags(gpus, slots)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise DganError(
+                "--backend ray needs the Ray cluster to dispatch to: give --address HOST:PORT "
+                "of its head node (or set RAY_ADDRESS). The worker joins a running cluster and "
+                "never starts one; start one with 'ray start --head --port 6379'",
+                exit_code=2,
+            )
+        _serve(db, queue, lease, preempt, retry_backoff, stop_timeout, exit_when_empty, address)
+        return
+    if address is not None:
+        raise DganError(
+            "--address is the Ray cluster of --backend ray; add --backend ray, or drop --address",
+            exit_code=2,
+        )
     if gpus is not None and slots is not None:
         raise DganError("give --gpus or --slots, not both", exit_code=2)
     devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
@@ -537,6 +602,40 @@ def worker(
     with _open(db, create=True) as store:
         server = Worker(
             store, gpus=devices, slots=slots or 1, queues=queues, lease=lease, preempt=preempt,
+            retry_backoff=retry_backoff, stop_timeout=stop_timeout,
+            exit_when_empty=exit_when_empty, say=_say,
+        )  # fmt: skip
+        raise typer.Exit(server.run())
+
+
+def _check_ray_flags(gpus: str | None, slots: int | None) -> None:
+    """--gpus and --slots describe this machine; a Ray cluster's nodes describe themselves."""
+    from dgan.errors import DganError
+
+    if gpus is not None:
+        raise DganError(
+            f"--gpus {gpus}: with --backend ray the cluster gives each job GPUs of the node Ray "
+            "places it on; drop --gpus (a job's own --gpus says how many it needs)",
+            exit_code=2,
+        )
+    if slots is not None:
+        raise DganError(
+            f"--slots {slots}: with --backend ray the free CPUs and GPUs of the cluster's nodes "
+            "decide how many jobs run at once; drop --slots",
+            exit_code=2,
+        )
+
+
+def _serve(db, queue, lease, preempt, retry_backoff, stop_timeout, exit_when_empty, address):
+    """A worker that dispatches to the Ray cluster at `address`."""
+    from jobs.ray_backend import RayBackend
+    from jobs.worker import Worker
+
+    queues = [q.strip() for part in queue or ["default"] for q in part.split(",") if q.strip()]
+    with _open(db, create=True) as store:
+        ray = RayBackend(address)
+        server = Worker(
+            store, backend=ray, queues=queues, lease=lease, preempt=preempt,
             retry_backoff=retry_backoff, stop_timeout=stop_timeout,
             exit_when_empty=exit_when_empty, say=_say,
         )  # fmt: skip

@@ -119,27 +119,44 @@ def _mlflow(tracking_uri: str | None, run_id: str | None) -> dict[str, str]:
 
 def _training(spec, job_dir: Path, events, progress: Progress) -> dict[str, Any]:
     if spec.kind == "train-gan":
+        from dgan.train.gan import GanJob as job_type
         from dgan.train.gan import run_gan as run
     else:
+        from dgan.train.inspector import InspectorJob as job_type
         from dgan.train.inspector import run_inspector as run
-    kind = "gan" if spec.kind == "train-gan" else "inspector"
-    log = spec.config.log.model_copy(update={"run_root": Path(job_dir)})
+    # A Ray Train job's runs go to shared storage when it names one, each job in its own root.
+    storage = Path(spec.storage) / Path(job_dir).name if spec.workers and spec.storage else None
+    run_root = storage or Path(job_dir)
+    log = spec.config.log.model_copy(update={"run_root": run_root})
     config = spec.config.model_copy(update={"log": log})
-    checkpoint = _latest_checkpoint(Path(job_dir), kind)
+    checkpoint = _latest_checkpoint(run_root, job_type.kind)
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
         progress.update(force=True, resumed_from=str(checkpoint))
-    # With gpus > 1 the job runs in launched processes, where a callback cannot reach.
-    callback = progress.report if spec.gpus == 1 else None
-    result = run(
-        config,
-        resume=None if checkpoint is None else "latest",
-        gpus=spec.gpus,
-        events=events,
-        callback=callback,
-        run_name=spec.name,
-        tags={"dgan.queue_job": os.environ.get("DGAN_JOB_ID", "")},
-    )
+    resume = None if checkpoint is None else "latest"
+    tags = {"dgan.queue_job": os.environ.get("DGAN_JOB_ID", "")}
+    if spec.workers:
+        from dgan.run.ray_train import train_on_ray
+
+        # Ray Train places the workers on the cluster at ray_address (or RAY_ADDRESS); their
+        # progress reaches this job's log as Ray's worker output.
+        result = train_on_ray(
+            job_type, config, resume=resume, workers=spec.workers,
+            gpus_per_worker=spec.gpus_per_worker, address=spec.ray_address, storage=storage,
+            run_name=spec.name, events=events, tags=tags,
+        )  # fmt: skip
+    else:
+        # With gpus > 1 the job runs in launched processes, where a callback cannot reach.
+        callback = progress.report if spec.gpus == 1 else None
+        result = run(
+            config,
+            resume=resume,
+            gpus=spec.gpus,
+            events=events,
+            callback=callback,
+            run_name=spec.name,
+            tags=tags,
+        )
     if result.state != "finished":
         raise DganError(f"the run stopped in state {result.state} at step {result.step}")
     outputs = {"run_dir": str(Path(result.run_dir).resolve())}

@@ -42,13 +42,26 @@ class SpecBase(BaseModel):
     argv: list[str] = []  # the command's options as submitted (shown by `dgan jobs show`)
 
 
-class TrainGanSpec(SpecBase):
+class RayTrainFields(BaseModel):
+    """A training job on a Ray cluster (`--workers N`, dgan.run.ray_train): with `workers` set
+    (2 or more) the job runs as one Ray Train job whose workers Ray places and reserves on the
+    cluster, so it holds no GPU (`gpus` 0) of the machine that dispatches it."""
+
+    workers: int | None = Field(None, ge=2)  # None: `gpus` processes on the dispatching machine
+    gpus_per_worker: int | None = Field(None, ge=0)  # None: 1 on a cluster with GPUs, else 0
+    ray_address: str | None = None  # None: $RAY_ADDRESS where the job runs
+    storage: str | None = None  # shared run root; each job's runs go to STORAGE/<job dir name>
+
+
+class TrainGanSpec(RayTrainFields, SpecBase):
     kind: Literal["train-gan"] = "train-gan"
+    gpus: int = Field(1, ge=0)  # 0 for a Ray Train job
     config: GanConfig
 
 
-class TrainInspectorSpec(SpecBase):
+class TrainInspectorSpec(RayTrainFields, SpecBase):
     kind: Literal["train-inspector"] = "train-inspector"
+    gpus: int = Field(1, ge=0)  # 0 for a Ray Train job
     config: InspectorConfig
 
 
@@ -192,10 +205,49 @@ def _no_resume(params: dict[str, Any]) -> None:
         )
 
 
+def _ray_train(params: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train fields of a training spec, checked as the command checks them; with
+    `--workers` the job holds no GPU of the dispatching machine (Ray reserves the workers')."""
+    import cli
+
+    p = params
+    storage = p.get("storage")
+    # The queue's --gpus is what the job holds; with --workers only its default (1) makes sense.
+    cli._ray_overrides(p.get("workers"), common["gpus"], p.get("ray_address"),
+                       p.get("gpus_per_worker"), storage)  # fmt: skip
+    if p.get("workers") is None:
+        return {}
+    if p["workers"] == 1:  # one process: a plain job on one GPU (or slot) of the dispatcher
+        given = [f for f in ("ray_address", "gpus_per_worker", "storage") if p.get(f) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise DganError(
+                f"{flags}: a queued job with --workers 1 runs on the machine that dispatches "
+                "it; ask for more workers to run it on the Ray cluster, or leave them out",
+                exit_code=2,
+            )
+        return {}
+    if p.get("ray_address") == "local":
+        raise DganError(
+            "--ray-address local: a queued job with --workers runs on a Ray cluster (RAY_ADDRESS "
+            "where the queue's worker runs, or --ray-address HOST:PORT); to train on the "
+            "dispatching machine, give the queue's --gpus N instead of --workers",
+            exit_code=2,
+        )
+    common["gpus"] = 0
+    return {
+        "workers": p["workers"],
+        "gpus_per_worker": p.get("gpus_per_worker"),
+        "ray_address": p.get("ray_address"),
+        "storage": None if storage is None else str(Path(storage).expanduser().resolve()),
+    }
+
+
 def _train_gan(params: dict[str, Any], common: dict[str, Any]) -> TrainGanSpec:
     import cli
 
     _no_resume(params)
+    ray = _ray_train(params, common)
     # As `dgan train gan` turns its options into overrides.
     overrides = list(params["set_"] or [])
     if params["data"] is not None:
@@ -204,13 +256,15 @@ def _train_gan(params: dict[str, Any], common: dict[str, Any]) -> TrainGanSpec:
         overrides.append(f"log.tracking_uri={params['tracking_uri']}")
     if params["promote_if_better"] is not None:
         overrides.append(f"log.promote_if_better={json.dumps(params['promote_if_better'])}")
-    return TrainGanSpec(config=cli._gan_config(params["config"], overrides, None), **common)
+    config = cli._gan_config(params["config"], overrides, None)
+    return TrainGanSpec(config=config, **ray, **common)
 
 
 def _train_inspector(params: dict[str, Any], common: dict[str, Any]) -> TrainInspectorSpec:
     import cli
 
     _no_resume(params)
+    ray = _ray_train(params, common)
     p = params
     overrides = cli._inspector_overrides(
         p["set_"], p["data"], p["synthetic"], p["arch"], p["pretrained"], p["grl"],
@@ -219,7 +273,7 @@ def _train_inspector(params: dict[str, Any], common: dict[str, Any]) -> TrainIns
     if p["promote_if_better"] is not None:
         overrides.append(f"log.promote_if_better={json.dumps(p['promote_if_better'])}")
     config = cli._inspector_config(p["config"], overrides, None)
-    return TrainInspectorSpec(config=config, **common)
+    return TrainInspectorSpec(config=config, **ray, **common)
 
 
 def _synth(params: dict[str, Any], common: dict[str, Any]) -> SynthSpec:

@@ -12,7 +12,8 @@ Tables:
   worker holding it and the lease that worker renews by heartbeat;
 - `deps`: job -> the jobs it runs after;
 - `attempts`: one row per run of a job: worker, process, devices, exit status, outcome, log;
-- `workers`: the workers serving the queue and what they offer.
+- `workers`: the workers serving the queue and what they offer (a Ray dispatcher: its
+  cluster's address, and its largest node's GPUs as its capacity).
 
 Job states: queued -> running -> succeeded | failed | cancelled, back to queued when preempted,
 retried or its worker dies; upstream_failed when a job it runs after failed or was cancelled.
@@ -26,7 +27,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from dgan.errors import DganError
 from jobs.kinds import KINDS
 
 APPLICATION_ID = 0x6467616E  # "dgan" in the file's header: marks it as a dgan job queue
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = Path("runs/jobs.db")
 DB_ENV = "DGAN_JOBS_DB"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -120,9 +121,16 @@ SCHEMA = (
         devices TEXT,
         lease REAL NOT NULL,
         started REAL NOT NULL,
-        seen REAL NOT NULL
+        seen REAL NOT NULL,
+        cluster TEXT,
+        unit TEXT
     )""",
 )
+# Schema version -> the statements that bring a queue of the version before it up to it.
+MIGRATIONS = {
+    # A Ray dispatcher serves a cluster: its address, and whether it counts GPUs or CPUs.
+    2: ("ALTER TABLE workers ADD COLUMN cluster TEXT", "ALTER TABLE workers ADD COLUMN unit TEXT"),
+}
 
 
 def resolve_db(db: str | Path | None = None) -> Path:
@@ -268,6 +276,17 @@ class Store:
                 f"reads {SCHEMA_VERSION}). Upgrade dgan.",
                 exit_code=2,
             )
+        if version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a queue written by an older dgan up to this schema, in one transaction."""
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another may have
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _create(self, create: bool) -> None:
         """Make an empty file a queue; refuse a database of anything else."""
@@ -557,15 +576,24 @@ class Store:
     # -- workers ----------------------------------------------------------------------------
 
     def register_worker(
-        self, worker: str, queues: list[str], capacity: int, devices: list[str] | None, lease: float
+        self,
+        worker: str,
+        queues: list[str],
+        capacity: int,
+        devices: list[str] | None,
+        lease: float,
+        cluster: str | None = None,
+        unit: str | None = None,
     ) -> None:
+        """Record a worker. A Ray dispatcher gives its cluster's address and unit (GPU or CPU);
+        its capacity is then the largest node's, which it updates at each heartbeat."""
         now = time.time()
         with self.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO workers (id, host, pid, queues, capacity, devices, lease,"
-                " started, seen) VALUES (?,?,?,?,?,?,?,?,?)",
+                " started, seen, cluster, unit) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (worker, socket.gethostname(), os.getpid(), ",".join(queues), capacity,
-                 ",".join(devices) if devices else None, lease, now, now),
+                 ",".join(devices) if devices else None, lease, now, now, cluster, unit),
             )  # fmt: skip
 
     def unregister_worker(self, worker: str) -> None:
@@ -601,36 +629,66 @@ class Store:
         return reaped
 
     def runnable(
-        self, queues: list[str], capacity: int, now: float, limit: int = 64
+        self,
+        queues: list[str],
+        capacity: int,
+        now: float,
+        limit: int = 64,
+        fits: Callable[[sqlite3.Row], bool] | None = None,
     ) -> list[sqlite3.Row]:
-        """Queued jobs of `queues` that fit `capacity`, are past any retry backoff and whose
-        dependencies all succeeded: highest priority first, then first in, first out."""
+        """Queued jobs of `queues` that fit `capacity` (and `fits`, which sees each row with its
+        spec), are past any retry backoff and whose dependencies all succeeded: highest priority
+        first, then first in, first out."""
         marks = ",".join("?" * len(queues))
-        return self.conn.execute(
-            f"SELECT id, priority, gpus FROM jobs j WHERE state=? AND queue IN ({marks}) "
+        columns = "id, priority, gpus" + (", spec" if fits else "")
+        query = (
+            f"SELECT {columns} FROM jobs j WHERE state=? AND queue IN ({marks}) "
             "AND gpus <= ? AND not_before <= ? AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs p "
             "ON p.id = d.after WHERE d.job = j.id AND p.state != ?) "
-            "ORDER BY priority DESC, id LIMIT ?",
-            (QUEUED, *queues, capacity, now, SUCCEEDED, limit),
-        ).fetchall()
+            "ORDER BY priority DESC, id LIMIT ? OFFSET ?"
+        )
+        args = (QUEUED, *queues, capacity, now, SUCCEEDED)
+        if fits is None:
+            return self.conn.execute(query, (*args, limit, 0)).fetchall()
+        found: list[sqlite3.Row] = []
+        offset = 0
+        while len(found) < limit:  # page past the jobs that can never fit
+            rows = self.conn.execute(query, (*args, limit, offset)).fetchall()
+            found += [r for r in rows if fits(r)]
+            if len(rows) < limit:
+                break
+            offset += limit
+        return found[:limit]
 
-    def has_work(self, queues: list[str], capacity: int, now: float) -> bool:
+    def has_work(
+        self,
+        queues: list[str],
+        capacity: int,
+        now: float,
+        fits: Callable[[sqlite3.Row], bool] | None = None,
+    ) -> bool:
         """Whether a scheduling pass could change anything: a job is runnable, or a lease has
         expired. A read, so that idle workers do not take the write lock twice a second."""
         if self.conn.execute(
             "SELECT 1 FROM jobs WHERE state=? AND lease_until < ? LIMIT 1", (RUNNING, now)
         ).fetchone():
             return True
-        return bool(self.runnable(queues, capacity, now, limit=1))
+        return bool(
+            self.runnable(queues, capacity, now, limit=1 if fits is None else 64, fits=fits)
+        )
 
-    def pending(self, queues: list[str], capacity: int) -> int:
-        """Jobs of `queues` that a worker of `capacity` may still run: queued ones, and running
-        ones (their worker may die, and jobs after them may become runnable)."""
+    def pending(
+        self, queues: list[str], capacity: int, fits: Callable[[sqlite3.Row], bool] | None = None
+    ) -> int:
+        """Jobs of `queues` that a worker of `capacity` (and `fits`) may still run: queued ones,
+        and running ones (their worker may die, and jobs after them may become runnable)."""
         marks = ",".join("?" * len(queues))
-        return self.conn.execute(
-            f"SELECT count(*) FROM jobs WHERE state IN (?, ?) AND queue IN ({marks}) AND gpus <= ?",
-            (QUEUED, RUNNING, *queues, capacity),
-        ).fetchone()[0]
+        where = f"FROM jobs WHERE state IN (?, ?) AND queue IN ({marks}) AND gpus <= ?"
+        args = (QUEUED, RUNNING, *queues, capacity)
+        if fits is None:
+            return self.conn.execute(f"SELECT count(*) {where}", args).fetchone()[0]
+        rows = self.conn.execute(f"SELECT id, priority, gpus, spec {where}", args).fetchall()
+        return sum(1 for r in rows if fits(r))
 
     def claim(
         self, job: int, worker: str, devices: list[str], lease: float, now: float
@@ -670,11 +728,27 @@ class Store:
         with self.transaction() as conn:
             conn.execute("UPDATE attempts SET pid=? WHERE job=? AND n=?", (pid, job, attempt))
 
+    def set_devices(self, job: int, attempt: int, devices: str) -> None:
+        """Record where a cluster placed an attempt (node and GPUs), once it is known."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE attempts SET devices=? WHERE job=? AND n=?", (devices, job, attempt)
+            )
+            conn.execute(
+                "UPDATE jobs SET devices=? WHERE id=? AND attempts=? AND state=?",
+                (devices, job, attempt, RUNNING),
+            )
+
     def heartbeat(
-        self, worker: str, held: dict[int, tuple[int, str | None]], lease: float
+        self,
+        worker: str,
+        held: dict[int, tuple[int, str | None]],
+        lease: float,
+        capacity: int | None = None,
     ) -> set[int]:
         """Renew the lease of every job `worker` holds (job -> (attempt, progress JSON or
-        None)); returns the jobs whose lease it lost, to another worker that took them over."""
+        None)), and its capacity when given (a cluster's nodes come and go); returns the jobs
+        whose lease it lost, to another worker that took them over."""
         now = time.time()
         lost = set()
         with self.transaction() as conn:
@@ -686,7 +760,10 @@ class Store:
                 )
                 if cur.rowcount != 1:
                     lost.add(job)
-            conn.execute("UPDATE workers SET seen=? WHERE id=?", (now, worker))
+            conn.execute(
+                "UPDATE workers SET seen=?, capacity=COALESCE(?, capacity) WHERE id=?",
+                (now, capacity, worker),
+            )
         return lost
 
     def requests(self, worker: str) -> dict[int, tuple[bool, int | None]]:
@@ -742,6 +819,11 @@ class Store:
             elif outcome in (PREEMPTED, STOPPED):
                 state = QUEUED
                 fields |= {"devices": None}
+            elif outcome == LOST:
+                # Its machine went away (a Ray node died): not the job's failure, but it may
+                # take the next machine down too, so it waits one backoff before it runs again.
+                state = QUEUED
+                fields |= {"devices": None, "not_before": now + backoff}
             elif outcome == CANCELLED_ATTEMPT:
                 state = CANCELLED
                 fields |= {"ended": now, "error": end.error or "cancelled"}

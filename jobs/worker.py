@@ -12,7 +12,9 @@ One loop, one thread:
   does not fit.
 
 A worker serves one machine's GPUs (`--gpus 0,1,2,3`, each job gets CUDA_VISIBLE_DEVICES) or N
-CPU slots (`--slots N`). SIGTERM or Ctrl-C stops it: its jobs checkpoint and go back to the queue.
+CPU slots (`--slots N`), or dispatches to a Ray cluster (`--backend ray`): then it claims what
+fits the free GPUs of the cluster's nodes, and Ray places each attempt (jobs.ray_backend).
+SIGTERM or Ctrl-C stops it: its jobs checkpoint and go back to the queue.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from typing import Any
 
 from dgan.errors import DganError
 from jobs import scheduler
-from jobs.backend import Backend, Exit, Launch, LocalBackend, kill_orphan
+from jobs.backend import Backend, Exit, Launch, LocalBackend, Nodes, kill_orphan
 from jobs.store import (
     CANCELLED_ATTEMPT,
     FAILED_ATTEMPT,
+    LOST,
     PREEMPTED,
     STOPPED,
     SUCCEEDED_ATTEMPT,
@@ -41,6 +44,8 @@ from jobs.store import (
     Settlement,
     Store,
 )
+
+RELEASE_GRACE = 5.0  # seconds a cluster may take to show an ended attempt's GPUs as free
 
 
 def detect_gpus() -> list[str]:
@@ -63,8 +68,9 @@ class Running:
 
     claim: Claim
     handle: Any
-    slots: list[int]
+    slots: list[int]  # a local worker's devices; [] on a cluster
     started: float
+    units: int = 0  # on a cluster: the GPUs (or CPUs) it holds on one node; 0: spread out
     stop_reason: str | None = None  # preempt, cancel or stop (this worker shuts down)
     stop_sent: float | None = None
     killed: bool = False
@@ -106,10 +112,15 @@ class Worker:
     ) -> None:
         if lease <= 0:
             raise DganError(f"--lease must be positive, got {lease}", exit_code=2)
-        if not gpus and slots < 1:
+        if not gpus and slots < 1 and not callable(getattr(backend, "nodes", None)):
             raise DganError(f"--slots must be at least 1, got {slots}", exit_code=2)
         self.store = store
         self.backend = backend or LocalBackend()
+        # A backend that knows its nodes (Ray) places the jobs; the worker counts their GPUs.
+        self.cluster = callable(getattr(self.backend, "nodes", None))
+        self.view: Nodes | None = None
+        if self.cluster:
+            gpus, slots = None, 0
         self.gpu_ids = bool(gpus)
         self.devices = list(gpus) if gpus else [str(i) for i in range(slots)]
         self.free = list(range(len(self.devices)))
@@ -122,17 +133,43 @@ class Worker:
         self.running: dict[int, Running] = {}
         self._last_beat = 0.0
         self._freed = False  # an attempt ended: its GPUs can be given out at once
+        # On a cluster: (node, units, until) of attempts that ended, whose GPUs Ray may not show
+        # as free yet. They count as on their way, so they are not preempted for a second time.
+        self._releasing: list[tuple[str, int, float]] = []
 
     @property
     def capacity(self) -> int:
+        """The most GPUs (or slots) one job may ask for here: a cluster's largest node."""
+        if self.cluster:
+            return self.nodes().largest
         return len(self.devices)
 
+    def nodes(self) -> Nodes:
+        """The cluster's nodes now, less what this worker's unplaced attempts will take."""
+        self.view = self.backend.nodes([r.handle for r in self.running.values()])
+        return self.view
+
+    def _limits(self) -> tuple[int, Callable[[Any], bool] | None]:
+        """What the queue's queries filter on: a local worker's GPUs; on a cluster, its GPUs in
+        all, and `fits`, which keeps the jobs that fit its nodes once they are free."""
+        if not self.cluster:
+            return self.capacity, None
+        view = self.view or self.nodes()
+        return view.units, lambda row: scheduler.place(self._waiting(row), view.total) is not None
+
+    def _waiting(self, row) -> scheduler.Waiting:
+        if not self.cluster:
+            return scheduler.Waiting(row["id"], row["priority"], row["gpus"])
+        processes, units = self.backend.demand(row["gpus"], json.loads(row["spec"]))
+        return scheduler.Waiting(row["id"], row["priority"], units, processes)
+
     def describe(self) -> str:
-        what = (
-            f"GPUs {','.join(self.devices)}"
-            if self.gpu_ids
-            else f"{self.capacity} slot{'s' if self.capacity > 1 else ''}"
-        )
+        if self.cluster:
+            what = self.backend.describe()
+        elif self.gpu_ids:
+            what = f"GPUs {','.join(self.devices)}"
+        else:
+            what = f"{self.capacity} slot{'s' if self.capacity > 1 else ''}"
         return (
             f"worker {self.id}: {what}, queue {','.join(self.queues)}, lease {self.lease:g} s, "
             f"preemption {'on' if self.preempt else 'off'}, backend {self.backend.name}; "
@@ -145,8 +182,9 @@ class Worker:
         """Serve the queue until stopped (or, with exit_when_empty, until nothing is left that
         it could run). Returns the exit status."""
         self.store.register_worker(
-            self.id, self.queues, self.capacity, self.devices if self.gpu_ids else None, self.lease
-        )
+            self.id, self.queues, self.capacity, self.devices if self.gpu_ids else None,
+            self.lease, getattr(self.backend, "address", None), self.view and self.view.unit,
+        )  # fmt: skip
         self.say(self.describe())
         stop = StopFlag()
         next_beat = next_pass = 0.0
@@ -181,7 +219,8 @@ class Worker:
 
     def idle(self) -> bool:
         """No job this worker could run is queued or running anywhere."""
-        return self.store.pending(self.queues, self.capacity) == 0
+        capacity, fits = self._limits()
+        return self.store.pending(self.queues, capacity, fits) == 0
 
     def shut_down(self, stop: StopFlag) -> None:
         """Let every job checkpoint and go back to the queue, then return."""
@@ -203,31 +242,40 @@ class Worker:
     def schedule(self) -> None:
         """Reap expired leases, claim what fits, preempt for what does not (jobs.scheduler)."""
         now = time.time()
-        if not self.store.has_work(self.queues, self.capacity, now):
+        if self.cluster:
+            self.nodes()
+        capacity, fits = self._limits()
+        if not self.store.has_work(self.queues, capacity, now, fits):
             return
         with self.store.transaction():
             reaped = self.store.reap_expired(now)
             waiting = [
-                scheduler.Waiting(r["id"], r["priority"], r["gpus"])
-                for r in self.store.runnable(self.queues, self.capacity, now)
+                self._waiting(r) for r in self.store.runnable(self.queues, capacity, now, fits=fits)
             ]
-            active = [
-                scheduler.Active(
-                    job, r.claim.priority, r.claim.gpus, r.started, r.stop_reason is not None
-                )
-                for job, r in self.running.items()
+            active = [self._active(job, r) for job, r in self.running.items()]
+            self._releasing = [r for r in self._releasing if r[2] > now]
+            active += [
+                scheduler.Active(0, 0, units, 0.0, True, node) for node, units, _ in self._releasing
             ]
-            decided = scheduler.plan(waiting, len(self.free), active, self.preempt)
+            free = self.view.free if self.cluster else len(self.free)
+            decided = scheduler.plan(waiting, free, active, self.preempt)
             claims = []
             for job in decided.start:
-                gpus = next(w.gpus for w in waiting if w.job == job)
-                slots, self.free = self.free[:gpus], self.free[gpus:]
+                wants = next(w for w in waiting if w.job == job)
+                if self.cluster:
+                    node = decided.nodes[job][0] if wants.processes == 1 else None
+                    claim = self.store.claim(job, self.id, ["ray"], self.lease, now)
+                    if claim is not None:
+                        units = wants.gpus if wants.processes == 1 else 0
+                        claims.append((claim, [], node, units))
+                    continue
+                slots, self.free = self.free[: wants.gpus], self.free[wants.gpus :]
                 devices = [self.devices[s] for s in slots]
                 claim = self.store.claim(job, self.id, devices, self.lease, now)
                 if claim is None:
                     self.free = sorted(self.free + slots)
                 else:
-                    claims.append((claim, slots))
+                    claims.append((claim, slots, None, 0))
             if decided.preempt:
                 self.store.request_preemption(decided.preempt, decided.preempt_for)
         for lost in reaped:
@@ -240,11 +288,25 @@ class Worker:
         for victim in decided.preempt:
             self.say(f"job {victim}: preempted for job {decided.preempt_for} (higher priority)")
             self.stop(self.running[victim], "preempt")
-        for claim, slots in claims:
-            self.launch(claim, slots)
+        for claim, slots, node, units in claims:
+            self.launch(claim, slots, node, units)
 
-    def launch(self, claim: Claim, slots: list[int]) -> None:
-        """Start a claimed attempt on `slots`, its references to earlier outputs filled in."""
+    def _active(self, job: int, running: Running) -> scheduler.Active:
+        stopping = running.stop_reason is not None
+        if not self.cluster:
+            return scheduler.Active(
+                job, running.claim.priority, running.claim.gpus, running.started, stopping
+            )
+        node = self.backend.node_of(running.handle) if running.units else None
+        return scheduler.Active(
+            job, running.claim.priority, running.units, running.started, stopping, node
+        )
+
+    def launch(
+        self, claim: Claim, slots: list[int], node: str | None = None, units: int = 0
+    ) -> None:
+        """Start a claimed attempt on `slots` (on a cluster: preferably on `node`, holding
+        `units` there), its references to earlier outputs filled in."""
         from jobs.spec import resolve_references
 
         devices = tuple(self.devices[s] for s in slots)
@@ -252,7 +314,7 @@ class Worker:
             spec = resolve_references(claim.spec, claim.outputs).model_dump(mode="json")
             handle = self.backend.start(
                 Launch(claim.job, claim.attempt, spec, claim.job_dir, claim.log, devices,
-                       self.gpu_ids)
+                       self.gpu_ids, node)
             )  # fmt: skip
         except (DganError, OSError, ValueError) as err:
             self.free = sorted(self.free + slots)
@@ -260,9 +322,14 @@ class Worker:
             state = self.store.finish(claim.job, claim.attempt, self.id, end, self.retry_backoff)
             self.say(f"job {claim.job} attempt {claim.attempt}: could not start ({err}): {state}")
             return
-        self.running[claim.job] = Running(claim, handle, slots, time.time())
+        self.running[claim.job] = Running(claim, handle, slots, time.time(), units)
         self.store.set_pid(claim.job, claim.attempt, self.backend.pid(handle))
-        where = f"GPU {','.join(devices)}" if self.gpu_ids else f"slot {','.join(devices)}"
+        if self.cluster:
+            where = self.view.name if self.view else "the cluster"
+        elif self.gpu_ids:
+            where = f"GPU {','.join(devices)}"
+        else:
+            where = f"slot {','.join(devices)}"
         self.say(
             f"job {claim.job} attempt {claim.attempt}: {claim.kind} {claim.name!r} started on "
             f"{where}; log {claim.log}"
@@ -280,7 +347,8 @@ class Worker:
                 running.progress = json.dumps(progress)
             held[job] = (running.claim.attempt, running.progress)
             running.progress = None
-        lost = self.store.heartbeat(self.id, held, self.lease)
+        capacity = self.nodes().largest if self.cluster else None
+        lost = self.store.heartbeat(self.id, held, self.lease, capacity)
         for job in lost:
             running = self.running.pop(job)
             self.backend.kill(running.handle)
@@ -312,6 +380,11 @@ class Worker:
         """Record every attempt that ended; kill those that ignore a stop for too long."""
         for job, running in list(self.running.items()):
             ended = self.backend.poll(running.handle)
+            placed = self.backend.where(running.handle)
+            if placed is not None:
+                self.store.set_devices(job, running.claim.attempt, placed)
+                if ended is None:
+                    self.say(f"job {job} attempt {running.claim.attempt}: runs on {placed}")
             if ended is None:
                 late = running.stop_sent and time.time() - running.stop_sent > self.stop_timeout
                 if late and not running.killed:
@@ -324,6 +397,10 @@ class Worker:
             del self.running[job]
             self.free = sorted(self.free + running.slots)
             self._freed = True
+            if self.cluster and running.units:
+                node = self.backend.node_of(running.handle)
+                if node is not None:
+                    self._releasing.append((node, running.units, time.time() + RELEASE_GRACE))
             end = settle(ended, running.stop_reason, running.claim.log)
             last = self.backend.progress(running.handle)
             if last is not None or running.progress is not None:
@@ -364,6 +441,8 @@ def settle(ended: Exit, stop_reason: str | None, log) -> Settlement:
         return Settlement(STOPPED, error="its worker stopped", **fields)
     if stop_reason == "cancel":
         return Settlement(CANCELLED_ATTEMPT, error="cancelled (dgan jobs cancel)", **fields)
+    if ended.lost:
+        return Settlement(LOST, error=f"{ended.lost}; the job went back to the queue", **fields)
     error = outcome.get("error")
     if error is None:
         signame = ""

@@ -91,20 +91,14 @@ def prepare_on_main(accelerator, prepare: Callable[[], T]) -> T:
     return shared[0]
 
 
-def prepare_run(
-    job_type,
-    config,
-    resume: str | None,
-    run_name: str,
-    check_data: bool = True,
-    tags=None,
-    events: Events | None = None,
-) -> tuple[Any, Path, Path | None]:
-    """Check everything before any work, then make the run directory.
+def check_run(
+    job_type, config, resume: str | None, check_data: bool = True, events: Events | None = None
+) -> tuple[Any, Path | None]:
+    """Check everything before any work: returns (config with data.root resolved, checkpoint to
+    resume or None).
 
     `job_type` (a TrainingJob subclass) checks what is its own: `check_config` before any data
-    is made, `check_data` once the data root is resolved. Returns (config with data.root
-    resolved, run directory, checkpoint to resume or None). `tags` go onto its MLflow run.
+    is made, `check_data` once the data root is resolved.
     """
     from dgan.data import ensure_demo_dataset
 
@@ -117,12 +111,37 @@ def prepare_run(
         config = config.model_copy(update={"data": data})
     start = ckpt.checkpoint_iteration(resume_path) if resume_path is not None else 0
     job_type.check_data(config, start, check_data)
+    return config, resume_path
+
+
+def create_run_dir(
+    job_type, config, resume_path: Path | None, run_name: str, tags=None
+) -> tuple[Path, Path | None]:
+    """The run directory of a checked run (check_run): the checkpoint's, or a new one with its
+    config.yaml and status.json. Returns (run directory, checkpoint to resume or None)."""
     if resume_path is not None:
-        return config, resume_path.parent.parent, resume_path
+        return resume_path.parent.parent, resume_path
     run_dir = ckpt.new_run_dir(config.log.run_root, job_type.kind, run_name)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     ckpt.write_status(run_dir, state="created", mlflow_tags=dict(tags or {}))
-    return config, run_dir, None
+    return run_dir, None
+
+
+def prepare_run(
+    job_type,
+    config,
+    resume: str | None,
+    run_name: str,
+    check_data: bool = True,
+    tags=None,
+    events: Events | None = None,
+) -> tuple[Any, Path, Path | None]:
+    """Check everything before any work (check_run), then make the run directory
+    (create_run_dir). Returns (config with data.root resolved, run directory, checkpoint to
+    resume or None). `tags` go onto its MLflow run.
+    """
+    config, resume_path = check_run(job_type, config, resume, check_data, events)
+    return config, *create_run_dir(job_type, config, resume_path, run_name, tags)
 
 
 def launch_training(
@@ -248,15 +267,19 @@ def _worker_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def training_worker(job_type, run_dir: Path, processes: int, events, resume, stop_at) -> JobResult:
-    """A launched process of a training job: the config is the run directory's."""
+def training_worker(
+    job_type, run_dir: Path, processes: int, events, resume, stop_at, config=None, callback=None
+) -> JobResult:
+    """A launched process of a training job: the config is `config`, else the run directory's.
+    `callback` is run_training's (it runs on the main process)."""
     from dgan.run.harness import run_training
 
-    config = load_config(job_type.kind, [str(Path(run_dir) / "config.yaml")])
+    if config is None:
+        config = load_config(job_type.kind, [str(Path(run_dir) / "config.yaml")])
     accelerator = make_accelerator(job_type.kind, config.train.mixed_precision, processes)
     events = main_only(events, accelerator)
     job = job_type(config, accelerator, events)
-    return run_training(job, run_dir, accelerator, events, resume, stop_at=stop_at)
+    return run_training(job, run_dir, accelerator, events, resume, callback, stop_at)
 
 
 if __name__ == "__main__":
