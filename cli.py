@@ -356,7 +356,7 @@ def demo(
 
     Example: dgan demo --iterations 2000 --n 500
     """
-    from dgan.demo import Demo, DemoOptions
+    from jobs.demo import Demo, DemoOptions
 
     options = DemoOptions(
         out=out, data=data, iterations=iterations, epochs=epochs, n=n, eval_n=eval_n,

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from dgan.errors import DganError
 
@@ -76,6 +77,23 @@ def run_tags(job: str, config: BaseModel, run_dir: Path, dataset: str) -> dict[s
     }
 
 
+# The figure each experiment's runs are compared by first, and whether lower is better.
+SORT_BY = {
+    "defect-gan": ("realism_auc", True),
+    "defect-inspector": ("test_multi_target_accuracy", False),
+}
+
+
+def experiment_link(base: str, experiment_id: str, name: str) -> str:
+    """The run table of one experiment, in the Model training view."""
+    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    metric, ascending = SORT_BY.get(name, (None, None))
+    if metric is not None and ascending is not None:
+        key = quote(f"metrics.`{metric}`", safe="")
+        link += f"&orderByKey={key}&orderByAsc={'true' if ascending else 'false'}"
+    return link
+
+
 def open_client(uri: str | None = None):
     """An MlflowClient on the resolved tracking URI (telemetry off)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -131,8 +149,6 @@ class Tracker:
 
     def ui(self) -> str:
         """Where to compare this run with the others: the runs table of its experiment."""
-        from dgan.tracking.ui import experiment_link
-
         served = self.uri.startswith(("http://", "https://"))
         base = self.uri.rstrip("/") if served else "http://127.0.0.1:5000"
         link = experiment_link(base, self.experiment_id, self.experiment)

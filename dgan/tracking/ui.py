@@ -16,25 +16,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from urllib.parse import quote
 
 from dgan.errors import DganError
-
-# The figure each experiment's runs are compared by first, and whether lower is better.
-SORT_BY = {
-    "defect-gan": ("realism_auc", True),
-    "defect-inspector": ("test_multi_target_accuracy", False),
-}
-
-
-def experiment_link(base: str, experiment_id: str, name: str) -> str:
-    """The run table of one experiment, in the Model training view."""
-    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    metric, ascending = SORT_BY.get(name, (None, None))
-    if metric is not None and ascending is not None:
-        key = quote(f"metrics.`{metric}`", safe="")
-        link += f"&orderByKey={key}&orderByAsc={'true' if ascending else 'false'}"
-    return link
+from dgan.tracking.tracker import experiment_link
 
 
 def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str, int]]:

@@ -1,5 +1,8 @@
 """`dgan demo`: the whole product end to end on the demo set, with a summary of what it measured.
 
+It lives beside the queue because it drives both sides: the library's jobs (dgan) directly, and
+three of its steps through the queue, as a user's pipeline would.
+
 The steps, in order; each one records what it made in `DIR/demo.json` (written atomically) and is
 skipped on a rerun when that output is still there, so a demo interrupted anywhere continues
 where it stopped:
