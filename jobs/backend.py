@@ -106,6 +106,22 @@ class LocalProcess:
     progress_mtime: float = 0.0
 
 
+def write_attempt(launch: Launch) -> Path:
+    """The attempt's spec file, which `python -m jobs.runner --spec` reads, and no stale outcome
+    of an earlier try of the same attempt number."""
+    launch.job_dir.mkdir(parents=True, exist_ok=True)
+    path = spec_file(launch.job_dir, launch.attempt)
+    attempt_spec = {
+        "job": launch.job,
+        "attempt": launch.attempt,
+        "job_dir": str(launch.job_dir),
+        "spec": launch.spec,
+    }
+    atomic_write_text(path, json.dumps(attempt_spec, indent=2))
+    outcome_file(launch.job_dir, launch.attempt).unlink(missing_ok=True)
+    return path
+
+
 class LocalBackend:
     """Each attempt is `python -m jobs.runner` in a new session (its own process group), with
     its log file as stdout and stderr. The runner kills its group if this process dies."""
@@ -113,16 +129,7 @@ class LocalBackend:
     name = "local"
 
     def start(self, launch: Launch) -> LocalProcess:
-        launch.job_dir.mkdir(parents=True, exist_ok=True)
-        path = spec_file(launch.job_dir, launch.attempt)
-        attempt_spec = {
-            "job": launch.job,
-            "attempt": launch.attempt,
-            "job_dir": str(launch.job_dir),
-            "spec": launch.spec,
-        }
-        atomic_write_text(path, json.dumps(attempt_spec, indent=2))
-        outcome_file(launch.job_dir, launch.attempt).unlink(missing_ok=True)
+        path = write_attempt(launch)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(CODE_ROOT), *filter(None, [env.get("PYTHONPATH")])]

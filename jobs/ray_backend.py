@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from dgan.errors import DganError
-from dgan.io import atomic_write_text
-from jobs.backend import Exit, Launch, Nodes
-from jobs.runner import PROGRESS_FILE, outcome_file, spec_file
+from jobs.backend import Exit, Launch, Nodes, write_attempt
+from jobs.runner import PROGRESS_FILE, outcome_file
 
 NAMESPACE = "dgan-jobs"
 TRAINING = ("train-gan", "train-inspector")
@@ -333,16 +332,7 @@ class RayBackend:
     def start(self, launch: Launch) -> RayAttempt:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        launch.job_dir.mkdir(parents=True, exist_ok=True)
-        path = spec_file(launch.job_dir, launch.attempt)
-        attempt_spec = {
-            "job": launch.job,
-            "attempt": launch.attempt,
-            "job_dir": str(launch.job_dir),
-            "spec": launch.spec,
-        }
-        atomic_write_text(path, json.dumps(attempt_spec, indent=2))
-        outcome_file(launch.job_dir, launch.attempt).unlink(missing_ok=True)
+        path = write_attempt(launch)
         launch.log.touch()
         gpus = int(launch.spec.get("gpus", 1))
         processes, units = self.demand(gpus, launch.spec)
