@@ -66,3 +66,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_same_training_state(single: Path, multi: Path) -> None:
+    """Two checkpoints' state.pt (1 process and N of the same global batch) hold the same nets,
+    and the same Adam moments: gradients summed over processes instead of averaged would
+    double exp_avg, to which Adam's update itself is blind."""
+    import torch
+
+    a = torch.load(single / "state.pt", weights_only=True)
+    b = torch.load(multi / "state.pt", weights_only=True)
+    for net in ("G", "D", "G_ema"):
+        for k, v in a[net].items():
+            torch.testing.assert_close(b[net][k], v, rtol=1e-4, atol=1e-5, msg=f"{net}.{k}")
+    for opt in ("opt_G", "opt_D"):
+        for param, moments in a[opt]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                one, two = moments[name], b[opt]["state"][param][name]
+                where = f"{opt}[{param}].{name}"
+                assert two.norm() / one.norm() == pytest.approx(1.0, abs=1e-3), where
+                scale = one.abs().max().item()
+                torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-3 * scale, msg=where)
+    assert a["iteration"] == b["iteration"]
