@@ -341,3 +341,155 @@ def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
     rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
     torch.testing.assert_close(terms["d_total"] - rest, weight * expected, rtol=1e-4, atol=1e-5)
     assert weight == 0 or expected > 0
+
+
+def test_cycle_stop_gradient_keeps_the_cycle_losses_out_of_the_first_pass_images(tiny_folder):
+    # loss.cycle_stop_gradient: the first pass's images [d' | n'] then get gradient from D's terms
+    # only (Eq. 12's L_adv and L_cls^f), the same as with every cycle loss weighted 0; without it,
+    # L_rec reaches them through the second pass.
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+
+    def image_gradient(*sets: str) -> torch.Tensor:
+        config = tiny_gan_config(tiny_folder, "generator.ani=false", *sets)
+        accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+        _, classes, stream = load_training_data(config)
+        batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+        nets = build_nets(config, len(classes), accelerator)
+        first = first_pass(nets, batch, config)
+        first.image.retain_grad()
+        g_step(nets, batch, config, accelerator, first)
+        return first.image.grad
+
+    no_cycle = ("loss.lambda_rec=0", "loss.lambda_sd_cyc=0", "loss.lambda_sd_con=0")
+    d_terms_only = image_gradient(*no_cycle)
+    stopped = image_gradient("loss.cycle_stop_gradient=true")
+    through = image_gradient()
+    torch.testing.assert_close(stopped, d_terms_only, rtol=1e-5, atol=1e-7)
+    assert (through - d_terms_only).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("restored_weight", [5.0, 0.0, 1.0])
+def test_restored_classification_weight_reweights_only_the_restorations_half_of_eq7(
+    restored_weight, tiny_folder
+):
+    # loss.lambda_cls_f_restored: Eq. 7's term on the restorations n' at its own weight. At the
+    # value of lambda_cls_f it is Eq. 12 as the paper writes it; g_total moves by the restored
+    # half's loss times the difference of the weights, halved (the term is the mean of halves).
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+
+    def g_terms(*sets: str) -> tuple[dict, torch.Tensor]:
+        config = tiny_gan_config(tiny_folder, "generator.ani=false", *sets)
+        accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+        _, classes, stream = load_training_data(config)
+        batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+        nets = build_nets(config, len(classes), accelerator)
+        first = first_pass(nets, batch, config)
+        b = batch["normal"].shape[0]
+        with torch.no_grad():
+            zeros = torch.zeros_like(batch["target_labels"])
+            _, cls = nets.D_raw(first.image[b:], zeros)
+        restored = losses.classification_loss(cls, zeros)
+        return g_step(nets, batch, config, accelerator, first), restored
+
+    paper, restored = g_terms()
+    weighted, _ = g_terms(f"loss.lambda_cls_f_restored={restored_weight}")
+    shift = (restored_weight - 5.0) * restored / 2  # lambda_cls_f is 5 (Eq. 12)
+    torch.testing.assert_close(weighted["g_total"], paper["g_total"] + shift, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weighted["g_cls_f"], paper["g_cls_f"], rtol=1e-5, atol=1e-6)
+    assert restored_weight == 5.0 or shift.abs() > 1e-4
+
+
+def test_logistic_adversarial_loss_is_eq5_as_written_with_r1_at_the_real_images(tiny_folder):
+    # loss.adversarial=logistic: D's adversarial term is Eq. 5's log loss on [real | fake], its
+    # penalty R1 at the real images (not WGAN-GP's interpolates), weighted by lambda_r1.
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, d_step, first_pass, load_training_data, to_device
+
+    config = tiny_gan_config(
+        tiny_folder, "generator.ani=false", "loss.adversarial=logistic", "loss.lambda_r1=0.7"
+    )
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+    _, classes, stream = load_training_data(config)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    nets = build_nets(config, len(classes), accelerator)
+    real = torch.cat([batch["defect"], batch["normal"]]).requires_grad_(True)
+    zeros = torch.zeros_like(batch["target_labels"])
+    with torch.no_grad():
+        fakes = first_pass(nets, batch, config).image
+        fake_src, _ = nets.D_raw(fakes, torch.cat([batch["target_labels"], zeros]))
+    real_src, _ = nets.D_raw(real, torch.cat([batch["defect_labels"], zeros]))
+    (grad,) = torch.autograd.grad(real_src.sum(), real)
+    terms = d_step(nets, batch, config, accelerator)
+    expected_adv = losses.logistic_loss_d(real_src.detach(), fake_src)
+    expected_r1 = 0.5 * grad.flatten(1).pow(2).sum(1).mean()
+    torch.testing.assert_close(terms["d_adv"], expected_adv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["d_gp"], expected_r1, rtol=1e-4, atol=1e-7)
+    lw = config.loss
+    rest = terms["d_adv"] + lw.lambda_cls_r * terms["d_cls_r"]
+    torch.testing.assert_close(terms["d_total"] - rest, 0.7 * expected_r1, rtol=1e-3, atol=1e-6)
+    assert expected_r1 > 0
+
+
+def test_mask_binary_term_is_m_times_one_minus_m_over_both_passes_at_its_weight(tiny_folder):
+    # loss.lambda_mask_binary: m (1 - m) on the maps of both cycle passes, added to Eq. 12 at its
+    # weight; zero where m is 0 or 1.
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+
+    assert losses.mask_binary_loss(torch.tensor([0.0, 1.0]), torch.ones(3)) == 0
+    torch.testing.assert_close(losses.mask_binary_loss(torch.full((4,), 0.5)), torch.tensor(0.25))
+
+    def g_terms(weight: float) -> tuple[dict, torch.Tensor]:
+        config = tiny_gan_config(
+            tiny_folder, "generator.ani=false", f"loss.lambda_mask_binary={weight}"
+        )
+        accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+        _, classes, stream = load_training_data(config)
+        batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+        nets = build_nets(config, len(classes), accelerator)
+        first = first_pass(nets, batch, config)
+        with torch.no_grad():
+            zeros = torch.zeros_like(batch["defect_labels"])
+            second = nets.G_raw(first.image, torch.cat([zeros, batch["defect_labels"]]))
+            expected = losses.mask_binary_loss(first.defect_mask, second.defect_mask)
+        return g_step(nets, batch, config, accelerator, first), expected
+
+    off, expected = g_terms(0.0)
+    on, _ = g_terms(3.0)
+    torch.testing.assert_close(on["g_mask_binary"], expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(on["g_total"] - off["g_total"], 3.0 * expected, rtol=1e-4, atol=1e-6)
+    assert expected > 0.01
+
+
+def test_rec_outside_mask_counts_each_pixel_by_one_minus_the_first_pass_mask(tiny_folder):
+    # loss.rec_outside_mask: Eq. 8 weighted by 1 - m of the first pass, detached, so no gradient
+    # of L_rec reaches m through its weight; without it, Eq. 8 as written.
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+
+    def g_rec(*sets: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        config = tiny_gan_config(tiny_folder, "generator.ani=false", *sets)
+        accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+        _, classes, stream = load_training_data(config)
+        batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+        nets = build_nets(config, len(classes), accelerator)
+        first = first_pass(nets, batch, config)
+        with torch.no_grad():
+            zeros = torch.zeros_like(batch["defect_labels"])
+            second = nets.G_raw(first.image, torch.cat([zeros, batch["defect_labels"]]))
+            error = (torch.cat([batch["normal"], batch["defect"]]) - second.image).abs()
+            weighted = (error * (1 - first.defect_mask)).mean()
+        return g_step(nets, batch, config, accelerator, first)["g_rec"], weighted, error.mean()
+
+    masked, weighted, _ = g_rec("loss.rec_outside_mask=true")
+    plain, _, full = g_rec()
+    torch.testing.assert_close(masked, weighted, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-7)
+    assert masked < plain - 1e-4

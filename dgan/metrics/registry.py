@@ -81,6 +81,7 @@ METRICS: dict[str, Metric] = {
                 "g_sd_cyc",
                 "g_sd_con",
                 "g_outside",
+                "g_mask_binary",
                 "g_total",
             )
         ),  # fmt: skip
