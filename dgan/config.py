@@ -50,14 +50,6 @@ class GeneratorConfig(Section):
     # f = tanh(atanh(x) + h), so that f starts as the surface itself and a change of colour or
     # texture is learned, not painted from a flat colour. "image" is the paper's f = tanh(h).
     foreground: Literal["image", "offset"] = "image"
-    # Beyond the paper: f's colour (each channel minus the channels' mean) is painted at 1/k of
-    # the resolution and resized back, so that fine detail (a crack's edge) is luminance only and
-    # no pixel gets a colour of its own. 1 is the paper's f, every pixel's colour free.
-    chroma_pool: int = Field(1, ge=1, le=16)
-    # Beyond the paper: the composition (Eq. 2, 4) uses m rounded to 0 or 1 (its gradient
-    # passed straight through), so that where G paints it replaces the input: a half-transparent
-    # m leaves part of a defect in its restoration, which f then hides under its complement.
-    hard_mask: bool = False
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -110,12 +102,7 @@ class GanTrainConfig(Section):
 
 
 class GanLossConfig(Section):
-    # Eq. 5 as Sec. 4.1 trains it: "wgan-gp" (Gulrajani et al. 2017, as StarGAN). Beyond the
-    # paper: "logistic" is Eq. 5 as written (non-saturating for G) with R1 on real images
-    # (Mescheder et al. 2018), StyleGAN2's choice; its penalty weight is lambda_r1.
-    adversarial: Literal["wgan-gp", "logistic"] = "wgan-gp"
     lambda_gp: float = Field(10.0, ge=0)  # WGAN-GP (Gulrajani et al. 2017), as StarGAN
-    lambda_r1: float = Field(1.0, ge=0)  # R1's gamma, with adversarial=logistic
     lambda_cls_r: float = Field(2.0, ge=0)  # Eq. 11
     lambda_cls_f: float = Field(5.0, ge=0)  # Eq. 12
     lambda_rec: float = Field(5.0, ge=0)  # Eq. 12
@@ -124,23 +111,6 @@ class GanLossConfig(Section):
     lambda_outside: float = Field(5.0, ge=0)  # beyond the paper: m outside the asked region
     # Beyond the paper: D_cls also learns that defacements d' show no real defect (0 by default).
     lambda_cls_fake_d: float = Field(0.0, ge=0)
-    # Beyond the paper: the cycles' second pass reads the first pass's images detached, so L_rec
-    # (Eq. 8) trains the second pass only (restore d' to n, deface n' back to d) and cannot make
-    # the first pass hide its input in its output (cycle steganography, Chu et al. 2017).
-    cycle_stop_gradient: bool = False
-    # Beyond the paper: the weight of Eq. 7 on the restorations n' alone (None: lambda_cls_f, as
-    # in Eq. 12). D_cls learns each category's colour from real images, so a heavy weight lets G
-    # remove a defect fastest by painting its complementary colour (a green blob where rust was),
-    # which D_src's weight-1 term does not outweigh.
-    lambda_cls_f_restored: float | None = Field(None, ge=0)
-    # Beyond the paper: the weight of m (1 - m) on every map of the cycles (losses.mask_binary_loss),
-    # so that where G paints, it replaces the input rather than blending with it. 0: off.
-    lambda_mask_binary: float = Field(0.0, ge=0)
-    # Beyond the paper: Eq. 8 counts each pixel by 1 - m of the first pass (detached). What the
-    # first pass painted over cannot be recovered from its output; asking for it anyway pays G to
-    # keep the input visible through a half-transparent m, so a restoration leaves (1 - m) of the
-    # defect and paints its complement over it.
-    rec_outside_mask: bool = False
 
 
 class LogConfig(Section):

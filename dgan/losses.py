@@ -21,23 +21,6 @@ def adversarial_loss_g(fake_src: Tensor) -> Tensor:
     return -fake_src.mean()
 
 
-def logistic_loss_d(real_src: Tensor, fake_src: Tensor) -> Tensor:
-    """-L_adv for D, Eq. 5 as the paper writes it: -log D_src(d_real) - log(1 - D_src(d)), with
-    D_src = sigmoid of the logits, averaged over patches and the batch."""
-    return F.softplus(-real_src).mean() + F.softplus(fake_src).mean()
-
-
-def logistic_loss_g(fake_src: Tensor) -> Tensor:
-    """L_adv for G, Eq. 5 in its non-saturating form (Goodfellow et al. 2014): -log D_src(d)."""
-    return F.softplus(-fake_src).mean()
-
-
-def r1_penalty(grad: Tensor) -> Tensor:
-    """R1 (Mescheder et al. 2018): ||dD_src/dx||^2 on real images, halved, batch mean. It keeps
-    Eq. 5's D from growing steep around the real data, the role WGAN-GP's penalty plays."""
-    return 0.5 * grad.flatten(1).pow(2).sum(1).mean()
-
-
 def gradient_penalty(grad: Tensor) -> Tensor:
     """WGAN-GP's penalty (Sec. 4.1, Gulrajani et al.): (||dD_src/dx_hat||_2 - 1)^2, batch mean.
 
@@ -73,12 +56,6 @@ def reconstruction_loss(x: Tensor, x_reconstructed: Tensor) -> Tensor:
     return (x - x_reconstructed).abs().mean()
 
 
-def masked_reconstruction_loss(x: Tensor, x_reconstructed: Tensor, weight: Tensor) -> Tensor:
-    """Beyond the paper: Eq. 8's L1 where `weight` (B, 1, H, W) is 1, i.e. outside what the first
-    pass painted over (weight = 1 - m, detached), averaged over all pixels as Eq. 8 is."""
-    return ((x - x_reconstructed).abs() * weight).mean()
-
-
 def sd_cycle_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
     """L_sd-cyc, Eq. 9: the repaint map of restoration should equal the defect map it undoes."""
     return (defect_mask - repaint_mask).abs().mean()
@@ -87,15 +64,6 @@ def sd_cycle_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
 def sd_region_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
     """L_sd-con, Eq. 10: L1 of both maps towards 0, so neither layer takes over the image."""
     return defect_mask.abs().mean() + repaint_mask.abs().mean()
-
-
-def mask_binary_loss(*masks: Tensor) -> Tensor:
-    """Beyond the paper: m (1 - m), averaged over pixels and summed over the maps given; zero only
-    where m is 0 or 1. Eq. 10 pulls m towards 0, so inside a defect m settles between 0 and 1 and
-    the output keeps (1 - m) of the input there: a restoration must then paint the complement of
-    the defect's colour to cancel it (a cyan blob where rust was), and a defacement must paint
-    colours beyond the defect's to reach it through the blend."""
-    return sum((m * (1 - m)).mean() for m in masks)
 
 
 def outside_region_loss(defect_mask: Tensor, region: Tensor) -> Tensor:

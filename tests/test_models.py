@@ -12,7 +12,6 @@ from dgan.models.generator import (
     NoiseInjection,
     compose,
     control_map_from_labels,
-    pool_chroma,
 )
 from dgan.models.speedups import Conv3x3, DownConv
 
@@ -51,35 +50,6 @@ def test_an_offset_foreground_starts_as_the_input_and_an_image_foreground_does_n
     G = tiny(foreground="offset")
     G(x, a).foreground.sum().backward()
     assert G.to_foreground.weight.grad.abs().sum() > 0
-
-
-def test_pooled_chroma_keeps_each_pixels_luminance_and_removes_per_pixel_colour():
-    torch.manual_seed(0)
-    luma = torch.randn(1, 1, 16, 16)
-    smooth = torch.linspace(-0.5, 0.5, 16).view(1, 1, 1, 16).expand(1, 3, 16, 16)
-    smooth = smooth * torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)  # a slow colour ramp
-    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2 - 1.0
-    speckle = checker * torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1)  # colour per pixel
-    pooled = pool_chroma(luma + smooth + speckle, 4)
-    torch.testing.assert_close(pooled.mean(1, keepdim=True), luma)  # luminance untouched
-    chroma = pooled - luma
-    # The per-pixel speckle is gone and the ramp stays, up to its resampling at the borders.
-    assert (chroma - smooth).abs().max() <= 0.1 + 1e-6 < speckle.abs().max()
-
-
-def test_a_chroma_pooled_generator_paints_no_colour_of_a_single_pixel():
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    a = torch.ones(2, C, 16, 16)
-    f = tiny(chroma_pool=4, ani=False)(x, a).foreground
-    painted = torch.atanh(f.clamp(-0.999999, 0.999999))
-    colour = painted - painted.mean(1, keepdim=True)
-    # Bilinear resizing of 4x4 cells: neighbouring pixels' colours differ by at most a quarter
-    # of the cells' difference; an unpooled head makes them independent.
-    step = (colour[..., 1:] - colour[..., :-1]).abs().max()
-    free = tiny(ani=False)(x, a).foreground
-    free = torch.atanh(free.clamp(-0.999999, 0.999999))
-    free_colour = free - free.mean(1, keepdim=True)
-    assert step < 0.5 * (free_colour[..., 1:] - free_colour[..., :-1]).abs().max()
 
 
 def test_all_switches_off_is_stargan_with_label_concatenated_to_input():

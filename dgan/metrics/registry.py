@@ -81,7 +81,6 @@ METRICS: dict[str, Metric] = {
                 "g_sd_cyc",
                 "g_sd_con",
                 "g_outside",
-                "g_mask_binary",
                 "g_total",
             )
         ),  # fmt: skip

@@ -27,8 +27,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         upsample=g.upsample,
         fine_blocks=g.fine_blocks,
         foreground=g.foreground,
-        chroma_pool=g.chroma_pool,
-        hard_mask=g.hard_mask,
     )
     discriminator = Discriminator(
         config.data.image_size,

@@ -179,12 +179,9 @@ class Generator(nn.Module):
         upsample: str = "transpose",
         fine_blocks: int = 0,
         foreground: str = "image",
-        chroma_pool: int = 1,
-        hard_mask: bool = False,
     ) -> None:
         super().__init__()
-        self.foreground_mode, self.chroma_pool = foreground, chroma_pool
-        self.hard_mask = hard_mask
+        self.foreground_mode = foreground
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
         c, d = num_classes, conv_dim
         in_channels = 3 if scc else 3 + c  # StarGAN: label concatenated to the image
@@ -248,32 +245,12 @@ class Generator(nn.Module):
         painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:])
         if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
             painted = painted + torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
-        if self.chroma_pool > 1:
-            painted = pool_chroma(painted, self.chroma_pool)
         foreground = torch.tanh(painted)
-        composed_mask = straight_through(defect_mask) if self.hard_mask else defect_mask
         return GeneratorOutput(
-            image=compose(x, foreground, composed_mask),
+            image=compose(x, foreground, defect_mask),
             foreground=foreground,
             defect_mask=defect_mask,
         )
-
-
-def straight_through(defect_mask: Tensor) -> Tensor:
-    """m rounded to 0 or 1 in the forward pass, with m's own gradient in the backward pass (the
-    straight-through estimator, Bengio et al. 2013)."""
-    return defect_mask + ((defect_mask > 0.5).to(defect_mask.dtype) - defect_mask).detach()
-
-
-def pool_chroma(painted: Tensor, factor: int) -> Tensor:
-    """`painted` with its colour (each channel minus the channels' mean) averaged over factor x
-    factor cells and resized back bilinearly; its luminance (the mean) keeps every pixel."""
-    luma = painted.mean(1, keepdim=True)
-    chroma = nn.functional.avg_pool2d(painted - luma, factor, ceil_mode=True)
-    chroma = nn.functional.interpolate(
-        chroma, size=painted.shape[2:], mode="bilinear", align_corners=False
-    )
-    return luma + chroma
 
 
 def compose(background: Tensor, foreground: Tensor, defect_mask: Tensor) -> Tensor:

@@ -30,9 +30,7 @@ from dgan.run.result import JobResult
 from dgan.tracking import PYFUNC_DIR
 
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_total")
-G_TERMS = (
-    "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_mask_binary", "g_total"
-)  # fmt: skip
+G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
 
 @dataclass
@@ -125,9 +123,6 @@ def d_step(
     # backward then cover the interpolates only (3.2 s to 2.6 s per D update at 128 px, batch 4).
     src, cls = nets.D(torch.cat([real, fake_images]), torch.cat([real_labels, fake_labels]))
     src_real, src_fake = src.float().chunk(2)
-    logistic = config.loss.adversarial == "logistic"
-    if logistic:  # R1 at the real images themselves
-        x_hat, hat_labels = real.detach().requires_grad_(True), real_labels
     src_hat, _ = nets.D(x_hat, hat_labels)
     out_hat = src_hat.float().sum()
     if nets.inv_scale is not None:  # fp16: take the penalty's gradient on the scaled output
@@ -135,15 +130,9 @@ def d_step(
     (grad,) = torch.autograd.grad(out_hat, x_hat, create_graph=True)
     if nets.inv_scale is not None:
         grad = grad * nets.inv_scale
-    if logistic:
-        adv = losses.logistic_loss_d(src_real, src_fake)
-        penalty, weight = losses.r1_penalty(grad.float()), config.loss.lambda_r1
-    else:
-        adv = losses.adversarial_loss_d(src_real, src_fake)
-        penalty, weight = losses.gradient_penalty(grad.float()), config.loss.lambda_gp
     terms = {
-        "d_adv": adv,
-        "d_gp": penalty,
+        "d_adv": losses.adversarial_loss_d(src_real, src_fake),
+        "d_gp": losses.gradient_penalty(grad.float()),
         # Real defects carry their labels; real normals are labelled "no defect".
         "d_cls_r": losses.classification_loss(cls[: 2 * b].float(), real_labels),
     }
@@ -154,7 +143,7 @@ def d_step(
         terms["d_cls_fake"] = n.new_zeros(())
     terms["d_total"] = (
         terms["d_adv"]
-        + weight * terms["d_gp"]
+        + lw.lambda_gp * terms["d_gp"]
         + lw.lambda_cls_r * terms["d_cls_r"]
         + lw.lambda_cls_fake_d * terms["d_cls_fake"]
     )
@@ -183,8 +172,7 @@ def g_step(
     if first is None:
         first = first_pass(nets, batch, config)  # [d' | n']
     # [n^ | d^]; A as labels, i.e. repeated over space (training-time control map, Sec. 3.1).
-    cycled = first.image.detach() if config.loss.cycle_stop_gradient else first.image
-    second = nets.G(cycled, torch.cat([zeros, c_real]))
+    second = nets.G(first.image, torch.cat([zeros, c_real]))
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
     src, cls = nets.D_raw(first.image, torch.cat([c_target, zeros]))
@@ -192,39 +180,24 @@ def g_step(
         p.requires_grad_(True)
     lw, use_sc = config.loss, config.generator.sc
     terms = {
-        "g_adv": (
-            losses.logistic_loss_g(src.float())
-            if config.loss.adversarial == "logistic"
-            else losses.adversarial_loss_g(src.float())
-        ),
+        "g_adv": losses.adversarial_loss_g(src.float()),
         "g_cls_f": losses.classification_loss(cls.float(), torch.cat([c_target, zeros])),
         "g_rec": losses.reconstruction_loss(torch.cat([n, d]), second.image),
     }
-    if config.loss.rec_outside_mask and first.defect_mask is not None:
-        kept = 1 - first.defect_mask.detach()
-        terms["g_rec"] = losses.masked_reconstruction_loss(torch.cat([n, d]), second.image, kept)
     if use_sc:
         # first.defect_mask = [m_d | m_n]; second = [m_n^ | m_d^]: each map against its inverse.
         terms["g_sd_cyc"] = losses.sd_cycle_loss(first.defect_mask, second.defect_mask)
         terms["g_sd_con"] = losses.sd_region_loss(first.defect_mask, second.defect_mask)
         terms["g_outside"] = losses.outside_region_loss(first.defect_mask[:b], where)
-        terms["g_mask_binary"] = losses.mask_binary_loss(first.defect_mask, second.defect_mask)
     else:
         terms["g_sd_cyc"] = terms["g_sd_con"] = terms["g_outside"] = n.new_zeros(())
-        terms["g_mask_binary"] = n.new_zeros(())
-    cls_f = lw.lambda_cls_f * terms["g_cls_f"]
-    if lw.lambda_cls_f_restored is not None:  # Eq. 7 as the mean of its two halves, reweighted
-        defaced = losses.classification_loss(cls[:b].float(), c_target)
-        restored = losses.classification_loss(cls[b:].float(), zeros)
-        cls_f = (lw.lambda_cls_f * defaced + lw.lambda_cls_f_restored * restored) / 2
     terms["g_total"] = (
         terms["g_adv"]
-        + cls_f
+        + lw.lambda_cls_f * terms["g_cls_f"]
         + lw.lambda_rec * terms["g_rec"]
         + lw.lambda_sd_cyc * terms["g_sd_cyc"] * use_sc
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
         + lw.lambda_outside * terms["g_outside"] * use_sc
-        + lw.lambda_mask_binary * terms["g_mask_binary"] * use_sc
     )
     terms["mask_mean"] = (
         first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
@@ -343,10 +316,9 @@ class GanJob(TrainingJob):
     # Read from the config at every step (set_learning_rates, d_step, g_step), so a population-
     # based-training exploit may resume another trial's checkpoint with these perturbed.
     schedulable_keys = (
-        "loss.lambda_gp", "loss.lambda_r1", "loss.lambda_cls_r", "loss.lambda_cls_f", "loss.lambda_rec",
+        "loss.lambda_gp", "loss.lambda_cls_r", "loss.lambda_cls_f", "loss.lambda_rec",
         "loss.lambda_sd_cyc", "loss.lambda_sd_con", "loss.lambda_outside",
-        "loss.lambda_cls_fake_d", "loss.lambda_cls_f_restored", "loss.lambda_mask_binary",
-        "train.lr_g", "train.lr_d",
+        "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
     )  # fmt: skip
     guarded_terms = (*D_TERMS, *G_TERMS)
     divergence_advice = (

@@ -49,7 +49,7 @@ NEEDS_INCEPTION = ("fid", "kid")
 TRIAL_METRICS = (
     *NEEDS_INCEPTION, *NEEDS_INSPECTOR, "realism_auc", "background_change", "spatial_precision",
     "diversity_l1", "d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_total", "g_adv", "g_cls_f",
-    "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_mask_binary", "g_total",
+    "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total",
 )  # fmt: skip
 
 
