@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dgan.config import load_config
     from dgan.data import open_dataset
+    from dgan.errors import DganError
     from dgan.models import build_gan
     from dgan.run import checkpoint as ckpt
 
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoints:
         print(f"error: {args.run_dir} holds no checkpoint; name a dgan train gan run directory")
         return 2
-    config = load_config("gan", [str(args.run_dir / "config.yaml")])
+    try:
+        config = load_config("gan", [str(args.run_dir / "config.yaml")])
+    except DganError as err:
+        print(f"error: {args.run_dir / 'config.yaml'} is not a config this dgan reads:\n{err}")
+        return 2
     state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
     G, _ = build_gan(config, len(state["classes"]))
     G.load_state_dict(state["G_ema"] or state["G"])
