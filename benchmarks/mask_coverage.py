@@ -27,10 +27,10 @@ def chroma(images: torch.Tensor) -> torch.Tensor:
     return (images - images.mean(1, keepdim=True)).abs().mean(1, keepdim=True)
 
 
-def load(path: Path, size: int, mode: str = "RGB") -> torch.Tensor:
-    image = Image.open(path).convert(mode).resize((size, size), Image.BILINEAR)
-    array = np.array(image, dtype=np.float32)
-    return torch.from_numpy(array if array.ndim == 3 else array[:, :, None]).permute(2, 0, 1)
+def load_masks(paths: list[Path], size: int) -> torch.Tensor:
+    """(N, 1, size, size): 1 where the dataset's defect mask is set."""
+    masks = [Image.open(p).convert("L").resize((size, size), Image.BILINEAR) for p in paths]
+    return torch.from_numpy((np.stack(masks) > 127).astype(np.float32))[:, None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dgan.config import load_config
     from dgan.data import open_dataset
+    from dgan.data.loader import to_unit_range
     from dgan.errors import DganError
+    from dgan.evaluation.inputs import load_images
     from dgan.models import build_gan
     from dgan.run import checkpoint as ckpt
 
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if not defects:
         print(f"error: {index.root} has no test defect with a mask; masks are what this measures")
         return 2
-    x = torch.stack([load(s.path, size) for s in defects]) / 127.5 - 1
-    inside = (torch.stack([load(s.mask, size, "L") for s in defects]) > 127).float()
-    real_normals = torch.stack([load(s.path, size) for s in normals]) / 127.5 - 1
+    x = to_unit_range(load_images([s.path for s in defects], size))
+    inside = load_masks([s.mask for s in defects], size)
+    real_normals = to_unit_range(load_images([s.path for s in normals], size))
     with torch.no_grad():
         out = G(x, torch.zeros(len(x), len(state["classes"])))
 
