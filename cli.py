@@ -844,7 +844,8 @@ def tune(
         typer.Option(
             metavar="METRIC",
             help="Registered metric to optimise, its direction from dgan.metrics.registry "
-            "(default: realism_auc; fid with Inception weights; fid_inspector with an inspector).",
+            "(default: realism_log_loss, the realism test's held-out log loss, ln 2 at chance; "
+            "fid with Inception weights; fid_inspector with an inspector).",
         ),
     ] = None,
     scheduler: Annotated[str | None, typer.Option(help="asha, pbt or fifo.")] = None,

@@ -55,3 +55,18 @@ def test_the_same_inputs_and_seed_give_the_same_auc(surfaces, one_thread):
 def test_too_few_images_are_refused():
     with pytest.raises(ValueError, match="at least 4 images"):
         two_sample_test(torch.zeros(3, 3, 8, 8), torch.zeros(3, 3, 8, 8))
+
+
+def test_log_loss_ranks_two_altered_copies_that_the_auc_ties(surfaces, one_thread):
+    half = len(surfaces) // 2
+    real, rest = surfaces[:half], surfaces[half:]
+    faint = with_stripes(rest)
+    strong = with_stripes(with_stripes(with_stripes(rest)))  # +120 on every fourth row
+    mild = two_sample_test(real, faint, seed=0, steps=150)
+    far = two_sample_test(real, strong, seed=0, steps=150)
+    assert mild.auc > 0.95 and far.auc > 0.95  # both told apart...
+    assert far.log_loss < mild.log_loss < 0.693  # ...but the bolder stripes more confidently
+
+
+def test_log_loss_of_two_halves_of_one_set_is_near_chance(surfaces, one_thread):
+    assert abs(halves_test(surfaces, seed=0, steps=150).log_loss - 0.693) < 0.15

@@ -112,14 +112,14 @@ def test_a_four_trial_asha_study_ranks_its_trials_tracks_them_and_writes_the_bes
     )  # fmt: skip
     result = run_study(config, name="asha4")
     study = place[0] / "runs" / "tune" / "asha4"
-    assert result.directory == study.resolve() and result.objective == "realism_auc"
+    assert result.directory == study.resolve() and result.objective == "realism_log_loss"
     assert len(result.rows) == 4
     assert sum(row.base for row in result.rows) == 1  # trial 0 trains the base config's values
     assert all(r.outcome == "finished" or r.outcome.startswith("stopped at") for r in result.rows)
-    ranked = [(-r.iteration, r.value) for r in result.rows]
-    assert ranked == sorted(ranked)  # further along first, then realism_auc, lower is better
+    ranked = [(-r.iteration, -r.value) for r in result.rows]
+    assert ranked == sorted(ranked)  # further along first, then realism_log_loss, higher is better
     table = result.format()
-    assert "best trials by realism_auc (min), asha" in table and "4 trials in" in table
+    assert "best trials by realism_log_loss (max), asha" in table and "4 trials in" in table
     assert (study / "results.txt").read_text().startswith("study asha4: best trials")
     # Ray kept its experiment in the study directory; each trial trained in its own run dir.
     assert (study / "ray" / "tuner.pkl").is_file()
@@ -143,7 +143,7 @@ def test_a_four_trial_asha_study_ranks_its_trials_tracks_them_and_writes_the_bes
     for child in children:
         assert child.info.status == "FINISHED"
         assert "loss.lambda_rec" in child.data.params and "tune_objective" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "realism_auc")
+        history = client.get_metric_history(child.info.run_id, "realism_log_loss")
         assert [m.step for m in history][:1] == [2]
         assert "samples" in {a.path for a in client.list_artifacts(child.info.run_id)}
     # --register-best --promote-if-better: the best trial's generator is @champion.
@@ -189,6 +189,9 @@ def test_a_two_member_pbt_population_exploits_and_continues_the_other_trials_che
         assert iterations == [2, 4, 6], (row.trial_id, iterations)
         assert ckpt.read_status(Path(row.run_dir))["iteration"] == 6
     assert "PBT exploits" in result.format()
+    # best.yaml says when its values are the end of a PBT schedule rather than a config.
+    best = result.best_config.read_text()
+    assert ("# PBT: the values in force at the end" in best) == bool(result.rows[0].exploits)
 
 
 def test_an_interrupted_study_resumes_its_unfinished_trial_from_its_checkpoint(place):

@@ -5,10 +5,11 @@ defect's own label set, so real and synthesized sets hold the same label sets; o
 trained on half of the pairs, and its held-out AUC is reported overall (`realism_auc`) and per
 label set (`realism_auc_<set>`, sets joined by "-": `realism_auc_spallation-exposed_bars`).
 Restoration: the real defects restored, against as many other real normals of the split
-(`realism_auc_restored`). The floors are the same test on two halves of the real defects
-(`realism_floor`) and of the real normals (`realism_floor_normal`; NaN below 8 images); they do
-not depend on G and are cached. With an inspector, the share of defacements called exactly
-their label set (`set_accuracy_<set>`) and of restorations called defect-free
+(`realism_auc_restored`). Each test's held-out log loss goes with it (`realism_log_loss`,
+`realism_log_loss_restored`; ln 2 at chance). The floors are the same test on two halves of the
+real defects (`realism_floor`) and of the real normals (`realism_floor_normal`; NaN below 8
+images); they do not depend on G and are cached. With an inspector, the share of defacements
+called exactly their label set (`set_accuracy_<set>`) and of restorations called defect-free
 (`restored_called_normal`).
 """
 
@@ -122,17 +123,17 @@ def synthesize(
 def realism_figures(
     G, inputs: RealismInputs, seed: int, batch_size: int, device, inspector=None, columns=None
 ) -> dict[str, float]:
-    """realism_auc (overall and per label set) and realism_auc_restored for G; with an
+    """realism_auc (overall and per label set) and realism_auc_restored for G, with the test's
+    held-out log loss of both (realism_log_loss, realism_log_loss_restored); with an
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
     set_accuracy_<set> and restored_called_normal too."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
     steps = inputs.steps
     defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups, steps=steps)
-    figures = {"realism_auc": defaced.auc}
+    back = two_sample_test(inputs.normals, restored, seed, steps=steps)
+    figures = {"realism_auc": defaced.auc, "realism_log_loss": defaced.log_loss}
     figures |= {f"realism_auc_{g}": v for g, v in defaced.groups.items()}
-    figures["realism_auc_restored"] = two_sample_test(
-        inputs.normals, restored, seed, steps=steps
-    ).auc
+    figures |= {"realism_auc_restored": back.auc, "realism_log_loss_restored": back.log_loss}
     if inspector is not None:
         figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
     return figures

@@ -2,7 +2,10 @@
 
 Lopez-Paz and Oquab (ICLR 2017): a fresh classifier learns to tell set A from set B on one half of
 each; its ROC-AUC on the other half says how far apart the sets are. 0.5: it cannot tell them
-apart (the ideal for synthesized against real images); 1.0: it always can. Unlike D, or a fixed
+apart (the ideal for synthesized against real images); 1.0: it always can. The classifier's
+held-out log loss is the test's second statistic: ln 2 (0.693) when it cannot tell, falling toward 0
+as it tells the sets apart with more confidence. It keeps ranking generators that the AUC ties at
+1.0, as early in training all of them are. Unlike D, or a fixed
 inspector, this judge is trained from scratch at every test, so a generator cannot have learned to
 fool it. Two halves of one real set give the floor a perfect generator would reach at that size.
 """
@@ -45,6 +48,9 @@ class TwoSampleResult:
 
     auc: float
     n: int  # items of each set used (half trained on, half tested)
+    # Held-out mean binary cross-entropy: ln 2 at chance, 0 when told apart with certainty (it can
+    # pass ln 2 a little where the classifier overfits two sets that are alike).
+    log_loss: float = float("nan")
     groups: dict[str, float] = field(default_factory=dict)
     group_n: dict[str, int] = field(default_factory=dict)
 
@@ -122,7 +128,10 @@ def two_sample_test(
 
     held_out = int(test.sum())
     everything = torch.ones(held_out, dtype=torch.bool)
-    result = TwoSampleResult(auc(everything, everything), n)
+    scores = torch.cat([score_a, score_b])
+    target = torch.cat([torch.zeros(len(score_a)), torch.ones(len(score_b))])
+    log_loss = float(F.binary_cross_entropy_with_logits(scores, target))
+    result = TwoSampleResult(auc(everything, everything), n, log_loss=log_loss)
     if groups is not None:
         held_groups = np.asarray(groups)[test.numpy()]
         for key in dict.fromkeys(held_groups.tolist()):

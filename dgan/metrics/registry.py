@@ -48,6 +48,9 @@ METRICS: dict[str, Metric] = {
         Metric("diversity_l1", "max", "L1 between two noise seeds"),
         # The realism test (dgan.metrics.realism): 0.5 is indistinguishable from real.
         Metric("realism_auc", "min", "a fresh classifier tells G's images from real", True),
+        Metric(
+            "realism_log_loss", "max", "the realism test's held-out log loss (ln 2: chance)", True
+        ),
         Metric("realism_floor", None, "the same test on two halves of the real defects"),
         Metric("realism_floor_normal", None, "the same test on two halves of the real normals"),
         Metric("set_accuracy", "max", "inspector calls a defacement exactly its label set", True),
