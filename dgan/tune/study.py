@@ -62,7 +62,7 @@ TRIAL_METRICS = (
 def default_objective(gan: GanConfig) -> str:
     """fid with the Inception weights, else fid_inspector with an inspector, else the realism
     test's held-out log loss: its AUC is 1.0 for every trial at the first rungs of a short study
-    (measured: all 16 trials of a demo study at 50-200 iterations), so it cannot rank them."""
+    (measured: all 16 trials of a demo study at iteration 50), so it cannot rank them."""
     from dgan.config import gan_promotion_metric
 
     if gan_promotion_metric(gan) == "fid":
