@@ -68,6 +68,8 @@ class DiscriminatorConfig(Section):
     # Beyond the paper: class-conditional D_src by projection (Miyato and Koyama 2018). The
     # paper's D judges realism without the label and the class with D_cls alone.
     projection: bool = False
+    # Beyond the paper: one more D_cls logit, "a restoration by G" (see loss.lambda_cls_restored_d).
+    restored_output: bool = False
 
 
 class GanDataConfig(Section):
@@ -111,6 +113,9 @@ class GanLossConfig(Section):
     lambda_outside: float = Field(5.0, ge=0)  # beyond the paper: m outside the asked region
     # Beyond the paper: D_cls also learns that defacements d' show no real defect (0 by default).
     lambda_cls_fake_d: float = Field(0.0, ge=0)
+    # Beyond the paper: D_cls also learns that restorations n' still show the defect they came
+    # from (0 by default).
+    lambda_cls_restored_d: float = Field(0.0, ge=0)
 
 
 class LogConfig(Section):
@@ -224,6 +229,12 @@ class GanConfig(Section):
             raise ValueError(
                 f"discriminator.fine_src_layer={fine} must be below D's depth ({depth} stride-2 "
                 f"layers at {size} px) to read an earlier, finer map; use 1..{depth - 1} or null"
+            )
+        if self.discriminator.restored_output and not self.loss.lambda_cls_restored_d:
+            raise ValueError(
+                "discriminator.restored_output=true trains its logit with "
+                "loss.lambda_cls_restored_d, which is 0; set it above 0 (1 in the demo runs "
+                "measured) or discriminator.restored_output=false"
             )
         if self.train.batch_size % 2:
             raise ValueError(

@@ -51,6 +51,25 @@ def fake_classification_loss_d(fake_cls_logits: Tensor) -> Tensor:
     return classification_loss(fake_cls_logits, torch.zeros_like(fake_cls_logits))
 
 
+def restored_classification_loss_d(restored_cls_logits: Tensor, source_labels: Tensor) -> Tensor:
+    """Beyond the paper: D_cls learns that G's restorations n' still show the defect they were
+    made from, i.e. the classification loss of Eq. 6 on n' against the real defect's labels.
+    Eq. 6 labels only real normals "no defect", so a restoration that paints a colour no real
+    defect has passes D_cls as normal; with this term, G's Eq. 7 ("no defect" for n') can only
+    be met by restorations that D_cls cannot tell from real normals."""
+    return classification_loss(restored_cls_logits, source_labels)
+
+
+def restored_output_loss_d(normal_logits: Tensor, restored_logits: Tensor) -> Tensor:
+    """Beyond the paper: D_cls's extra "restoration" logit learns to tell G's restorations n'
+    (1) from real normals (0), Eq. 6's binary cross-entropy, averaged over both sets. G's Eq. 7
+    asks that logit to be 0 for n', so a restoration must pass as a real normal without bending
+    the category logits that defacements are judged by."""
+    real = F.binary_cross_entropy_with_logits(normal_logits, torch.zeros_like(normal_logits))
+    fake = F.binary_cross_entropy_with_logits(restored_logits, torch.ones_like(restored_logits))
+    return (real + fake) / 2
+
+
 def reconstruction_loss(x: Tensor, x_reconstructed: Tensor) -> Tensor:
     """L_rec, Eq. 8: mean L1 between an input and its cycle reconstruction (n vs n^, d vs d^)."""
     return (x - x_reconstructed).abs().mean()

@@ -106,5 +106,15 @@ def test_fine_source_head_is_off_in_the_paper_preset_and_bounded_by_ds_depth():
         load_config("gan", ["demo"], ["discriminator.fine_src_layer=4"])
 
 
+def test_restored_output_is_off_in_the_paper_preset_and_needs_its_loss_weight():
+    paper = load_config("gan", ["paper"], [])
+    assert paper.discriminator.restored_output is False
+    assert paper.loss.lambda_cls_restored_d == 0
+    on = ["discriminator.restored_output=true", "loss.lambda_cls_restored_d=1"]
+    assert load_config("gan", ["paper"], on).discriminator.restored_output
+    with pytest.raises(DganError, match="set it above 0"):
+        load_config("gan", ["paper"], ["discriminator.restored_output=true"])
+
+
 def test_projection_discriminator_is_off_in_the_paper_preset():
     assert load_config("gan", ["paper"], []).discriminator.projection is False

@@ -307,6 +307,39 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_g_step_asks_restorations_to_score_not_restored_on_ds_extra_logit(tiny_folder):
+    # With discriminator.restored_output, Eq. 7 for G also asks D_cls's "restoration" logit to
+    # be 0 on the restorations n' (not on the defacements), averaged over the whole batch as
+    # the category terms are.
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+
+    config = tiny_gan_config(
+        tiny_folder,
+        "generator.ani=false",
+        "loss.lambda_cls_restored_d=1",
+        "discriminator.restored_output=true",
+    )
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+    _, classes, stream = load_training_data(config)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    nets = build_nets(config, len(classes), accelerator)
+    first = first_pass(nets, batch, config)
+    zeros = torch.zeros_like(batch["target_labels"])
+    with torch.no_grad():
+        _, cls = nets.D_raw(first.image, torch.cat([batch["target_labels"], zeros]))
+    b, num_classes = zeros.shape
+    categories = losses.classification_loss(
+        cls[:, :num_classes], torch.cat([batch["target_labels"], zeros])
+    )
+    restored = cls[b:, num_classes:]
+    expected = categories + losses.classification_loss(restored, torch.zeros_like(restored)) / 2
+    terms = g_step(nets, batch, config, accelerator, first)
+    torch.testing.assert_close(terms["g_cls_f"], expected, rtol=1e-5, atol=1e-6)
+    assert terms["g_cls_f"] > categories + 0.1  # the extra logit's term is there
+
+
 @pytest.mark.parametrize("weight", [0.0, 1.5])
 def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
     weight, tiny_folder
@@ -337,6 +370,49 @@ def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
     b = batch["normal"].shape[0]
     expected = losses.fake_classification_loss_d(cls[:b]) if weight else torch.tensor(0.0)
     torch.testing.assert_close(terms["d_cls_fake"], expected, rtol=1e-5, atol=1e-6)
+    lw = config.loss
+    rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
+    torch.testing.assert_close(terms["d_total"] - rest, weight * expected, rtol=1e-4, atol=1e-5)
+    assert weight == 0 or expected > 0
+
+
+@pytest.mark.parametrize(("weight", "extra"), [(0.0, False), (1.5, False), (1.5, True)])
+def test_d_step_adds_d_cls_on_restorations_at_its_weight(weight, extra, tiny_folder):
+    # loss.lambda_cls_restored_d (beyond the paper): D_cls also learns that G's restorations n'
+    # still show the defect they came from (D_cls on n', not the defacements, against the real
+    # defects' labels), or with discriminator.restored_output that they are restorations (an
+    # extra logit, 0 on the real normals and 1 on n'); before D's update, carried by d_total at
+    # its weight; at 0 it is absent (and restored_output needs a weight above 0).
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, d_step, first_pass, load_training_data, to_device
+
+    config = tiny_gan_config(
+        tiny_folder,
+        "generator.ani=false",
+        f"loss.lambda_cls_restored_d={weight}",
+        f"discriminator.restored_output={str(extra).lower()}",
+    )
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+    _, classes, stream = load_training_data(config)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    nets = build_nets(config, len(classes), accelerator)
+    with torch.no_grad():
+        fakes = first_pass(nets, batch, config).image
+        zeros = torch.zeros_like(batch["target_labels"])
+        _, cls = nets.D_raw(fakes, torch.cat([batch["target_labels"], zeros]))
+        _, real_cls = nets.D_raw(batch["normal"], zeros)
+    terms = d_step(nets, batch, config, accelerator)
+    b = batch["normal"].shape[0]
+    num_classes = zeros.shape[1]
+    assert cls.shape[1] == num_classes + extra
+    if not weight:
+        expected = torch.tensor(0.0)
+    elif extra:
+        expected = losses.restored_output_loss_d(real_cls[:, num_classes:], cls[b:, num_classes:])
+    else:
+        expected = losses.restored_classification_loss_d(cls[b:], batch["defect_labels"])
+    torch.testing.assert_close(terms["d_cls_restored"], expected, rtol=1e-5, atol=1e-6)
     lw = config.loss
     rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
     torch.testing.assert_close(terms["d_total"] - rest, weight * expected, rtol=1e-4, atol=1e-5)

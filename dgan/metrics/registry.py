@@ -77,6 +77,7 @@ METRICS: dict[str, Metric] = {
                 "d_gp",
                 "d_cls_r",
                 "d_cls_fake",
+                "d_cls_restored",
                 "d_total",
                 "g_adv",
                 "g_cls_f",

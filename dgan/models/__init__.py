@@ -36,5 +36,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         d.max_dim,
         fine_src_layer=d.fine_src_layer,
         projection=d.projection,
+        restored_output=d.restored_output,
     )
     return generator, discriminator

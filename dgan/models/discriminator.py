@@ -29,6 +29,8 @@ class Discriminator(nn.Module):
     that the mean of D_src is the sum of both heads' means: the WGAN loss sums the two critics.
     With `projection`, each patch logit adds <W y, h> for the multi-hot labels y (B, C) of the
     images (their own for real ones, the asked ones for fakes); `labels` is then required.
+    With `restored_output`, D_cls has one more logit after the categories,
+    "this is one of G's restorations".
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class Discriminator(nn.Module):
         max_dim: int = 2048,
         fine_src_layer: int | None = None,
         projection: bool = False,
+        restored_output: bool = False,
     ) -> None:
         super().__init__()
         n_layers = n_layers or default_depth(image_size)
@@ -51,7 +54,8 @@ class Discriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         final = image_size >> n_layers
         self.src = nn.Conv2d(in_ch, 1, 3, padding=1, bias=False)  # PatchGAN head
-        self.cls = nn.Conv2d(in_ch, num_classes, final, bias=False)  # one logit per category
+        # One logit per category, and with `restored_output` one more: "a restoration by G".
+        self.cls = nn.Conv2d(in_ch, num_classes + restored_output, final, bias=False)
         self.embed = nn.Linear(num_classes, in_ch, bias=False) if projection else None
         self.fine_src_layer = fine_src_layer
         self.fine_src = None

@@ -29,7 +29,7 @@ from dgan.run.launch import launch_training, training_worker
 from dgan.run.result import JobResult
 from dgan.tracking import PYFUNC_DIR
 
-D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_total")
+D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
 G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
 
 
@@ -122,6 +122,8 @@ def d_step(
     # Two D calls, not one on [real | fake | x_hat]: the penalty's gradient and its double
     # backward then cover the interpolates only (3.2 s to 2.6 s per D update at 128 px, batch 4).
     src, cls = nets.D(torch.cat([real, fake_images]), torch.cat([real_labels, fake_labels]))
+    num_classes = zeros.shape[1]
+    cls, restored = cls[:, :num_classes], cls[:, num_classes:]  # restored: empty unless asked
     src_real, src_fake = src.float().chunk(2)
     src_hat, _ = nets.D(x_hat, hat_labels)
     out_hat = src_hat.float().sum()
@@ -141,11 +143,23 @@ def d_step(
         terms["d_cls_fake"] = losses.fake_classification_loss_d(cls[2 * b : 3 * b].float())
     else:
         terms["d_cls_fake"] = n.new_zeros(())
+    if lw.lambda_cls_restored_d > 0 and config.discriminator.restored_output:
+        # real normals against the restorations n', on D_cls's extra logit
+        terms["d_cls_restored"] = losses.restored_output_loss_d(
+            restored[b : 2 * b].float(), restored[3 * b :].float()
+        )
+    elif lw.lambda_cls_restored_d > 0:  # restorations n' (see restored_classification_loss_d)
+        terms["d_cls_restored"] = losses.restored_classification_loss_d(
+            cls[3 * b :].float(), batch["defect_labels"]
+        )
+    else:
+        terms["d_cls_restored"] = n.new_zeros(())
     terms["d_total"] = (
         terms["d_adv"]
         + lw.lambda_gp * terms["d_gp"]
         + lw.lambda_cls_r * terms["d_cls_r"]
         + lw.lambda_cls_fake_d * terms["d_cls_fake"]
+        + lw.lambda_cls_restored_d * terms["d_cls_restored"]
     )
     nets.opt_D.zero_grad(set_to_none=True)
     accelerator.backward(terms["d_total"])
@@ -181,9 +195,16 @@ def g_step(
     lw, use_sc = config.loss, config.generator.sc
     terms = {
         "g_adv": losses.adversarial_loss_g(src.float()),
-        "g_cls_f": losses.classification_loss(cls.float(), torch.cat([c_target, zeros])),
+        "g_cls_f": losses.classification_loss(
+            cls[:, : zeros.shape[1]].float(), torch.cat([c_target, zeros])
+        ),
         "g_rec": losses.reconstruction_loss(torch.cat([n, d]), second.image),
     }
+    if config.discriminator.restored_output:  # Eq. 7 also asks n' not to look restored
+        restored = cls[b:, zeros.shape[1] :].float()
+        terms["g_cls_f"] = terms["g_cls_f"] + losses.classification_loss(
+            restored, torch.zeros_like(restored)
+        ) * (restored.shape[0] / cls.shape[0])
     if use_sc:
         # first.defect_mask = [m_d | m_n]; second = [m_n^ | m_d^]: each map against its inverse.
         terms["g_sd_cyc"] = losses.sd_cycle_loss(first.defect_mask, second.defect_mask)
