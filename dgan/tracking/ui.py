@@ -123,3 +123,18 @@ def serve_ui(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        _wait_group_gone(proc.pid, timeout=15)
+
+
+def _wait_group_gone(group: int, timeout: float) -> None:
+    """Return once no process of the server's group is left: its workers outlive the leader
+    by a moment. Those still there at `timeout` are killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
