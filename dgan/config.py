@@ -42,7 +42,7 @@ class GeneratorConfig(Section):
     conv_dim: int = Field(64, ge=4, le=512)  # StarGAN G width
     repeat_num: int = Field(6, ge=0, le=16)  # StarGAN residual blocks in the bottleneck
     spade_hidden: int = Field(128, ge=4, le=1024)  # SPADE (Park et al. 2019) hidden width
-    upsample: Literal["transpose", "nearest"] = "transpose"  # StarGAN: 4x4 transposed convs
+    upsample: Literal["transpose", "nearest", "bilinear"] = "transpose"  # StarGAN: 4x4 transposed
     # Beyond the paper: residual blocks at full resolution after the last upsampling (SPADE when
     # scc is on). 0 is the paper's decoder: one conv at full resolution before the heads.
     fine_blocks: int = Field(0, ge=0, le=8)

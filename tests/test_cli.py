@@ -67,6 +67,20 @@ def test_data_check_names_bad_files_and_exits_non_zero(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
+def test_data_demo_draws_at_the_size_that_training_without_data_draws_by_default(tmp_path: Path):
+    # The demo presets train at 32 px; a set drawn larger would be resized and blur its cracks.
+    from PIL import Image
+
+    from dgan.data import DEMO_SIZE
+
+    result = run("data", "demo", "--out", str(tmp_path / "out"), "--n-normal", "4",
+                 "--n-defect", "4", "--workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    images = sorted((tmp_path / "out").glob("*/*.png"))  # normals, defects and their masks
+    assert len(images) == 4 + 4 + 4
+    assert {Image.open(p).size for p in images} == {(DEMO_SIZE, DEMO_SIZE)} == {(32, 32)}
+
+
 def test_data_demo_refuses_a_non_empty_output_without_traceback(tmp_path: Path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

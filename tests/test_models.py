@@ -52,6 +52,26 @@ def test_an_offset_foreground_starts_as_the_input_and_an_image_foreground_does_n
     assert G.to_foreground.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_resize_upsampling_doubles_the_side_then_convolves_without_a_transposed_conv(mode):
+    from dgan.models.generator import upsample_conv
+
+    up = upsample_conv(4, 2, mode)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in up.modules())
+    x = torch.zeros(1, 4, 2, 2)
+    x[0, :, 0, 0] = 1.0  # one bright pixel in the corner of a 2x2 map
+    resized = up[0](x)
+    assert resized.shape == (1, 4, 4, 4)
+    if mode == "nearest":  # a 2x2 block of ones, hard edges
+        assert torch.equal(resized[0, 0], torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0],
+                                                        [0, 0, 0, 0], [0, 0, 0, 0]]))  # fmt: skip
+    else:  # interpolated: values between 0 and 1 next to the pixel
+        assert 0 < resized[0, 0, 1, 2] < 1 and 0 < resized[0, 0, 2, 1] < 1
+    G = tiny(upsample=mode)
+    out = G(torch.zeros(2, 3, 16, 16), torch.zeros(2, C, 16, 16))
+    assert out.image.shape == (2, 3, 16, 16)
+
+
 def test_all_switches_off_is_stargan_with_label_concatenated_to_input():
     G = tiny(scc=False, ani=False, lwc=False)
     assert G.encoder[0]["conv"].in_channels == 3 + C

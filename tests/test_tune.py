@@ -338,7 +338,7 @@ def run_cli_train(workdir: Path, data: Path, *args: str) -> subprocess.Completed
 def test_the_built_in_spaces_are_log_uniform_a_factor_of_4_around_the_papers_values():
     from dgan.tune.space import load_space
 
-    base = load_config("gan", ["demo"])
+    base = load_config("gan", ["paper"])
     space = load_space("all", base)
     bounds = {d.key: (d.kind, *d.values) for d in space.dimensions}
     assert bounds["loss.lambda_cls_r"] == ("loguniform", 0.5, 8.0)  # Eq. 11: 2

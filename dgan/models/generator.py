@@ -141,17 +141,20 @@ class ResidualBlock(nn.Module):
 
 
 def upsample_conv(in_channels: int, out_channels: int, mode: str) -> nn.Module:
-    """x2 upsampling: StarGAN's 4x4 transposed conv, or nearest resize + 3x3 conv.
+    """x2 upsampling: StarGAN's 4x4 transposed conv, or a nearest or bilinear resize + 3x3 conv.
 
-    The second avoids the checkerboard patterns that transposed convs print early in training
-    (Odena et al. 2016), which at 32 px cover a whole defect.
+    A resize avoids the checkerboard patterns that transposed convs print early in training
+    (Odena et al. 2016), which at 32 px cover a whole defect. Nearest copies each pixel to a 2x2
+    block, which the next conv can turn into stripes of period 2; bilinear interpolates.
     """
     if mode == "transpose":
         return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        Conv3x3(in_channels, out_channels, bias=False),
+    resize = (
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        if mode == "bilinear"
+        else nn.Upsample(scale_factor=2, mode="nearest")
     )
+    return nn.Sequential(resize, Conv3x3(in_channels, out_channels, bias=False))
 
 
 @dataclass
