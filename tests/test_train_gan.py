@@ -307,13 +307,24 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def one_batch_and_nets(config):
+    """An accelerator, one training batch of 2 + 2 images on its device, and fresh nets: what a
+    test of a single D or G step needs."""
+    from dgan.data.loader import gan_loader
+    from dgan.run.launch import make_accelerator
+    from dgan.train.gan import build_nets, load_training_data, to_device
+
+    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
+    _, classes, stream = load_training_data(config)
+    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
+    return accelerator, batch, build_nets(config, len(classes), accelerator)
+
+
 def test_g_step_asks_restorations_to_score_not_restored_on_ds_extra_logit(tiny_folder):
     # With discriminator.restored_output, Eq. 7 for G also asks D_cls's "restoration" logit to
     # be 0 on the restorations n' (not on the defacements), averaged over the whole batch as
     # the category terms are.
-    from dgan.data.loader import gan_loader
-    from dgan.run.launch import make_accelerator
-    from dgan.train.gan import build_nets, first_pass, g_step, load_training_data, to_device
+    from dgan.train.gan import first_pass, g_step
 
     config = tiny_gan_config(
         tiny_folder,
@@ -321,10 +332,7 @@ def test_g_step_asks_restorations_to_score_not_restored_on_ds_extra_logit(tiny_f
         "loss.lambda_cls_restored_d=1",
         "discriminator.restored_output=true",
     )
-    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
-    _, classes, stream = load_training_data(config)
-    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
-    nets = build_nets(config, len(classes), accelerator)
+    accelerator, batch, nets = one_batch_and_nets(config)
     first = first_pass(nets, batch, config)
     zeros = torch.zeros_like(batch["target_labels"])
     with torch.no_grad():
@@ -347,21 +355,10 @@ def test_d_step_adds_d_cls_on_defacements_with_every_category_off_at_its_weight(
     # loss.lambda_cls_fake_d (beyond the paper): D_cls also learns that G's defacements show no
     # real defect. The term is D_cls on d' (not the restorations n') against all-zero labels,
     # before D's update, and d_total carries it at its weight; at 0 it is absent.
-    from dgan.data.loader import gan_loader
-    from dgan.run.launch import make_accelerator
-    from dgan.train.gan import (
-        build_nets,
-        d_step,
-        first_pass,
-        load_training_data,
-        to_device,
-    )
+    from dgan.train.gan import d_step, first_pass
 
     config = tiny_gan_config(tiny_folder, "generator.ani=false", f"loss.lambda_cls_fake_d={weight}")
-    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
-    _, classes, stream = load_training_data(config)
-    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
-    nets = build_nets(config, len(classes), accelerator)
+    accelerator, batch, nets = one_batch_and_nets(config)
     with torch.no_grad():
         fakes = first_pass(nets, batch, config).image
         zeros = torch.zeros_like(batch["target_labels"])
@@ -383,9 +380,7 @@ def test_d_step_adds_d_cls_on_restorations_at_its_weight(weight, extra, tiny_fol
     # defects' labels), or with discriminator.restored_output that they are restorations (an
     # extra logit, 0 on the real normals and 1 on n'); before D's update, carried by d_total at
     # its weight; at 0 it is absent (and restored_output needs a weight above 0).
-    from dgan.data.loader import gan_loader
-    from dgan.run.launch import make_accelerator
-    from dgan.train.gan import build_nets, d_step, first_pass, load_training_data, to_device
+    from dgan.train.gan import d_step, first_pass
 
     config = tiny_gan_config(
         tiny_folder,
@@ -393,10 +388,7 @@ def test_d_step_adds_d_cls_on_restorations_at_its_weight(weight, extra, tiny_fol
         f"loss.lambda_cls_restored_d={weight}",
         f"discriminator.restored_output={str(extra).lower()}",
     )
-    accelerator = make_accelerator("gan", config.train.mixed_precision, None)
-    _, classes, stream = load_training_data(config)
-    batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
-    nets = build_nets(config, len(classes), accelerator)
+    accelerator, batch, nets = one_batch_and_nets(config)
     with torch.no_grad():
         fakes = first_pass(nets, batch, config).image
         zeros = torch.zeros_like(batch["target_labels"])
