@@ -10,10 +10,18 @@ StarGAN row and from the full model (seed 0 of each, painted on training normals
 of a new draw of the held-out surface family), with and without the GRL source classifier,
 K seeds each, scored on the test split and on the held-out family.
 
+The search: a `dgan tune` study on the same set, whose trial 0 trains the preset's own values,
+so its ranked table says whether the search beat the default; with Chromium, a screenshot of the
+MLflow UI's compare view of its trials (benchmarks/ui_screenshot.sh against `dgan ui`).
+
+Speed: the benchmarks (training step against the official StarGAN step, synthesis against the
+bare generator, Ray Tune's overhead, the queue's latencies), run here, their output pasted.
+
 Every figure in the report is one this run printed; the commands and the machine load are in it.
 
     python benchmarks/report.py                                  # the full miniature (hours)
-    python benchmarks/report.py --iterations 6 --seeds 1 --epochs 1 --n 16 --out /tmp/r
+    python benchmarks/report.py --iterations 6 --seeds 1 --epochs 1 --n 16 --out /tmp/r \
+        --tune-trials 0 --speed none
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +48,27 @@ FIGURES = (
     ("diversity_l1", "diversity", "max"),
 )
 SOURCES = (("real only", None), ("+ StarGAN", "stargan"), ("+ Defect-GAN", "full"))
+BENCHMARKS = (  # the Speed section: (what, script); their arguments by --speed
+    ("the training step, against the official StarGAN step", "bench_train_step.py"),
+    ("synthesis, against the bare generator", "bench_synth.py"),
+    ("Ray Tune's overhead", "bench_tune.py"),
+    ("the job queue", "bench_jobs.py"),
+)
+SPEED_ARGS = {
+    "full": ("--size 32 64 128 --repeats 3",
+             "--config demo --batch 64 --n 2000 --memory-n 1000 20000",
+             "--trials 4 --concurrency 2 --iterations 100 --report-every 25",
+             ""),
+    "short": ("--size 32 --repeats 3",
+              "--config demo --batch 64 --n 2000 --memory-n 1000 5000",
+              "--trials 2 --concurrency 2 --iterations 100 --report-every 50",
+              "--list-jobs 10000 --claims 500 --end-to-end 40"),
+    "tiny": ("--size 32 --batch 2 --width 8 --repeats 1 --threads 1",
+             "--config demo --batch 8 --n 16 --memory-n",
+             "--trials 1 --concurrency 1 --iterations 2 --report-every 2 --set gan.eval.n=4 "
+             "--set gan.eval.realism_n=8 --set gan.eval.realism_steps=2",
+             "--submits 2 --starts 1 --list-jobs 50 --claims 10 --end-to-end 2"),
+}  # fmt: skip
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,8 +79,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float]) -> str:
+    """mean ± std over seeds; one seed's value alone (one run has no spread to show)."""
     m, s = mean_std(values)
-    return "-" if m != m else f"{m:.4f} ± {s:.4f}"
+    if m != m:
+        return "-"
+    return f"{m:.4f}" if len([v for v in values if v is not None]) == 1 else f"{m:.4f} ± {s:.4f}"
 
 
 class Report:
@@ -60,6 +95,7 @@ class Report:
         self.uri = f"sqlite:///{self.work / 'mlflow.db'}"
         self.state_path = self.work / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.load_before = os.getloadavg()[0]  # others' work: this invocation has done none
 
     def save(self) -> None:
         from dgan.io import atomic_write_text
@@ -171,9 +207,95 @@ class Report:
                         sp: evaluate_inspector(d, root, sp).multi_target_accuracy
                         for sp in ("test", "transfer")
                     })  # fmt: skip
-        self.state["seconds"] = self.state.get("seconds", 0) + time.monotonic() - t0
+        if self.a.tune_trials:
+            self.once("search", lambda: self.search(root))
+            if self.a.screenshot and "search/screenshot" not in self.state:
+                self.state["search/screenshot"] = self.screenshot()
+                self.save()
+        sizes = SPEED_ARGS.get(self.a.speed, ("",) * len(BENCHMARKS))
+        for (_, script), args in zip(BENCHMARKS, sizes, strict=True):
+            if self.a.speed == "none":
+                break
+            if f"speed/{script}" not in self.state or self.state[f"speed/{script}"]["rc"]:
+                self.state[f"speed/{script}"] = self.benchmark(script, args, root)
+                self.save()
+        seconds = time.monotonic() - t0
+        self.state["seconds"] = self.state.get("seconds", 0) + seconds
+        if seconds > 60:  # this invocation did work (a rerun that only writes does not count)
+            self.state.setdefault("invocations", []).append({
+                "args": " ".join(sys.argv[1:]), "minutes": round(seconds / 60, 1),
+                "load_before": round(self.load_before, 2),
+                "load_end": round(os.getloadavg()[0], 2)})  # fmt: skip
         self.save()
         self.write()
+
+    def search(self, root: Path) -> dict:
+        """A `dgan tune` study on the report's set; continued with --resume when interrupted."""
+        study = self.work / "tune" / "report"
+        name = ["--resume", "report"] if (study / "study.json").is_file() else ["--name", "report"]
+        extra = [x for kv in self.a.tune_set for x in ("--set", kv)]
+        cmd = [_dgan(), "tune", *name, "--trials", str(self.a.tune_trials), "--data", str(root),
+               "--tracking-uri", self.uri, "--set", f"root={study.parent}", *extra]  # fmt: skip
+        t0 = time.monotonic()
+        done = subprocess.run(cmd, cwd=self.work, env=_env(), capture_output=True, text=True)
+        (self.work / "tune-report.log").write_text(done.stdout + done.stderr)
+        if done.returncode:
+            raise SystemExit(f"dgan tune failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        state = json.loads((study / "study.json").read_text())
+        shown = ["dgan tune", "--trials", str(self.a.tune_trials), *extra]
+        last = [ln for ln in done.stdout.splitlines() if re.match(r"\d+ trials in ", ln)]
+        return {"command": " ".join(shown), "table": (study / "results.txt").read_text(),
+                "summary": last[-1] if last else "", "seconds": time.monotonic() - t0,
+                "parent_run_id": state.get("parent_run_id")}  # fmt: skip
+
+    def screenshot(self) -> str:
+        """The MLflow UI's compare view of the study's trials, as `dgan ui` serves it."""
+        import socket
+
+        from mlflow.tracking import MlflowClient
+
+        if not shutil.which("chromium") and not shutil.which("chromium-browser"):
+            return "not taken: Chromium is not installed (Debian: apt-get install chromium)"
+        client = MlflowClient(self.uri)
+        parent = client.get_run(self.state["search"]["parent_run_id"])
+        match = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        children = client.search_runs([parent.info.experiment_id], match)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ui = subprocess.Popen([_dgan(), "ui", "--tracking-uri", self.uri, "--port", str(port)],
+                              cwd=self.work, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            runs = json.dumps([r.info.run_id for r in children]).replace(" ", "")
+            url = (f"http://127.0.0.1:{port}/#/compare-runs?runs={runs}"
+                   f"&experiments=[\"{parent.info.experiment_id}\"]")  # fmt: skip
+            png = self.out / "tune-compare.png"
+            script = Path(__file__).with_name("ui_screenshot.sh")
+            done = subprocess.run(["bash", str(script), url, str(png), "1600x1000"],
+                                  capture_output=True, text=True)  # fmt: skip
+            return png.name if done.returncode == 0 else f"not taken: {done.stderr.strip()}"
+        finally:
+            os.killpg(ui.pid, signal.SIGTERM)
+            ui.wait(timeout=60)
+
+    def benchmark(self, script: str, args: str, root: Path) -> dict:
+        _settle(self.a.settle)
+        cmd = [sys.executable, str(Path(__file__).with_name(script)), *args.split()]
+        if script == "bench_tune.py":
+            cmd += ["--data", str(root), "--work", str(self.work / "bench-tune")]
+        t0 = time.monotonic()
+        done = subprocess.run(cmd, cwd=self.work, env=_env(), capture_output=True, text=True)
+        output = done.stdout if done.returncode == 0 else done.stdout + done.stderr[-3000:]
+        return {"command": f"python benchmarks/{script} {args}".strip(), "rc": done.returncode,
+                "output": output, "seconds": time.monotonic() - t0}  # fmt: skip
 
     def write(self) -> None:
         from dgan.io import atomic_write_text
@@ -181,11 +303,14 @@ class Report:
         grids = self.out / "grids"
         grids.mkdir(exist_ok=True)
         lines = ["# dgan: the paper's tables in miniature", ""]
-        lines += [f"Made by `python benchmarks/report.py {' '.join(sys.argv[1:])}` in "
-                  f"{self.state['seconds'] / 60:.1f} min; {_load()}. Demo preset, demo set "
-                  f"({self.a.n_normal} normals, {self.a.n_defect} defects), "
-                  f"{self.a.iterations or 'the preset'} iterations, {self.a.seeds} seed(s); "
-                  "mean ± std over seeds.", ""]  # fmt: skip
+        made = [f"`python benchmarks/report.py {i['args']}` ({i['minutes']} min; {_load(i)})"
+                for i in self.state.get("invocations", [])]  # fmt: skip
+        lines += [f"Made by {', then '.join(made) or 'benchmarks/report.py'}, "
+                  f"{self.state['seconds'] / 60:.1f} min in all on {os.cpu_count()} cores. "
+                  f"Demo preset, demo set ({self.a.n_normal} normals, {self.a.n_defect} defects), "
+                  f"{self.a.iterations or 'the preset'} iterations, "
+                  + ("1 seed: each figure is one run's." if self.a.seeds == 1 else
+                     f"{self.a.seeds} seeds: mean ± std over seeds."), ""]  # fmt: skip
         lines += ["## Table 2: the ablation", "",
                   "| row | " + " | ".join(f[1] for f in FIGURES) + " |",
                   "|---|" + "---|" * len(FIGURES)]  # fmt: skip
@@ -227,9 +352,62 @@ class Report:
             "draw of the held-out family (none of them in its test images).",
             "",
         ]
+        lines += self.write_search() + self.write_speed()
         atomic_write_text(self.out / "README.md", "\n".join(lines))
         print("\n".join(lines))
         print(f"written: {self.out / 'README.md'}")
+
+    def write_search(self) -> list[str]:
+        found = self.state.get("search")
+        if not found:
+            return []
+        lines = ["## The search", "",
+                 f"`{found['command']}` on the report's demo set, in "
+                 f"{found['seconds'] / 60:.1f} min: {found['summary'] or 'done'}. Trial 0 "
+                 "trains the preset's own values (\"the base config\"); the others are the "
+                 "search's.", "", "```", found["table"].rstrip(), "```", ""]  # fmt: skip
+        rows = [ln.split() for ln in found["table"].splitlines() if ln.strip()[:1].isdigit()]
+        base = [r for r in rows if "base" in " ".join(r)]
+        if rows and base:
+            verdict = ("The preset's values ranked first: the search did not beat them."
+                       if base[0][0] == rows[0][0] else
+                       f"The search's best ({rows[0][1]}, {rows[0][3]}) beat the preset's values "
+                       f"({base[0][1]}, {base[0][3]}, rank {base[0][0]}) on the study's own test; "
+                       "a study's trials are short, so retrain a winner at full length before "
+                       "adopting it.")  # fmt: skip
+            lines += [verdict, ""]
+        shot = self.state.get("search/screenshot")
+        if shot and shot.endswith(".png"):
+            lines += ["The MLflow UI's compare view of the study's trials (`dgan ui`, then "
+                      "`benchmarks/ui_screenshot.sh`):", "", f"![compare]({shot})", ""]  # fmt: skip
+        elif shot:
+            lines += [f"Screenshot of the MLflow UI: {shot}.", ""]
+        return lines
+
+    def write_speed(self) -> list[str]:
+        lines = []
+        for what, script in BENCHMARKS:
+            got = self.state.get(f"speed/{script}")
+            if got is None:
+                continue
+            status = "" if got["rc"] == 0 else f" It failed (exit {got['rc']})."
+            lines += [f"### {what[0].upper()}{what[1:]}", "",
+                      f"`{got['command']}`, {got['seconds']:.0f} s.{status}", "",
+                      "```", got["output"].rstrip(), "```", ""]  # fmt: skip
+        if lines:
+            lines = ["## Speed", "", "Each benchmark's own output, printed in this run; "
+                     "each names its goal or reference beside its figure.", ""] + lines  # fmt: skip
+        return lines
+
+
+def _dgan() -> str:
+    here = Path(sys.executable).with_name("dgan")
+    return str(here) if here.is_file() else (shutil.which("dgan") or "dgan")
+
+
+def _env() -> dict[str, str]:
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": repo, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def _plot(per_row: dict, path: Path) -> list[str]:
@@ -247,19 +425,28 @@ def _plot(per_row: dict, path: Path) -> list[str]:
         ax.bar([i + k * width for i in range(len(per_row))], [m for m, _ in stats], width,
                yerr=[s for _, s in stats], label=label)  # fmt: skip
     ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(per_row))], list(per_row))
-    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--", label="realism at chance")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [f"![Table 2]({path.name})", ""]
 
 
-def _load() -> str:
-    load1, cores = os.getloadavg()[0], os.cpu_count() or 1
-    busy = " (busy: other processes competed)" if load1 > 0.75 * cores else ""
-    return f"load average {load1:.1f} on {cores} cores at the end{busy}"
+def _load(invocation: dict) -> str:
+    """The machine's load around one invocation: before it (other processes) and at its end."""
+    before = invocation.get("load_before")
+    start = "" if before is None else f"{before:.1f} before it and "
+    return f"load average {start}{invocation['load_end']:.1f} at its end, its own work included"
+
+
+def _settle(limit_s: float) -> None:
+    """Wait until the 1-minute load average says the last step's work has left the cores, so
+    that a benchmark does not time the tail of the previous one (at most `limit_s`)."""
+    cores, deadline = os.cpu_count() or 1, time.monotonic() + limit_s
+    while os.getloadavg()[0] > 0.5 * cores and time.monotonic() < deadline:
+        time.sleep(5)
 
 
 def main() -> None:
@@ -273,6 +460,34 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=None)
     parser.add_argument("--n-normal", type=int, default=2000)
     parser.add_argument("--n-defect", type=int, default=1000)
+    parser.add_argument(
+        "--tune-trials",
+        type=int,
+        default=8,
+        help="trials of the search section's dgan tune study (0: no search)",
+    )
+    parser.add_argument(
+        "--tune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dgan tune override for that study, e.g. gan.train.iterations=200; repeatable",
+    )
+    parser.add_argument(
+        "--screenshot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a screenshot of the study in the MLflow UI (needs Chromium)",
+    )
+    parser.add_argument(
+        "--speed",
+        choices=(*SPEED_ARGS, "none"),
+        default="full",
+        help="the benchmarks' sizes (full: the README's commands)",
+    )
+    parser.add_argument("--settle", type=float, default=180.0, metavar="SECONDS",
+                        help="before each benchmark, wait up to this long for the load average "
+                             "to fall below half the cores (the last step's tail)")  # fmt: skip
     args = parser.parse_args()
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in args.rows if r not in ROWS]

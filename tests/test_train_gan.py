@@ -106,6 +106,23 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_folder, workdir):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_seed_identifies_a_run_whatever_evaluation_and_loader_workers_do(tiny_folder, workdir):
+    # Periodic evaluation (realism test, fixed inputs) and a loader process must not touch
+    # training's random streams: the same seed gives the same weights, another seed others.
+    base = ("train.iterations=10", "train.random_region_prob=0.5", "eval.realism_n=8",
+            "eval.realism_steps=2", "eval.n=4")  # fmt: skip
+    plain = run_gan(tiny_gan_config(tiny_folder, *base, "log.eval_every=100"), quiet=True)
+    busy = tiny_gan_config(tiny_folder, *base, "log.eval_every=3", "data.num_workers=1")
+    evaluated = run_gan(busy, quiet=True)
+    assert "realism_auc" in evaluated.metrics and "realism_auc" not in plain.metrics
+    other = run_gan(tiny_gan_config(tiny_folder, *base, "train.seed=1"), quiet=True)
+    runs = (plain, evaluated, other)
+    a, b, c = (weights(r.run_dir / "checkpoints" / "iter-00000010") for r in runs)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_non_finite_loss_stops_with_the_iteration_and_term_and_keeps_last_good_checkpoint(
     tiny_folder, workdir, monkeypatch
 ):
