@@ -450,7 +450,10 @@ def _settle(limit_s: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="example: python benchmarks/report.py --seeds 1 --speed short  (reports/ now)",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--rows", default=",".join(ROWS), help="Table 2 rows, comma-separated")
     parser.add_argument("--seeds", type=int, default=3)
@@ -493,6 +496,8 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown or args.seeds < 1:
         parser.error(f"rows must be among {', '.join(ROWS)} and --seeds at least 1")
+    if args.tune_trials < 0 or args.settle < 0:
+        parser.error("--tune-trials and --settle must be 0 or more (0: no search, no wait)")
     Report(args).run()
 
 

@@ -52,3 +52,19 @@ def test_the_report_writes_its_tables_search_and_speed_and_a_rerun_trains_nothin
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted((out / "work" / "runs" / "gan").iterdir()) == runs  # every result was kept
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rows", "stargan,bogus"], "rows must be among stargan, scc"),
+        (["--tune-trials", "-1"], "--tune-trials and --settle must be 0 or more"),
+        (["--speed", "fast"], "invalid choice: 'fast'"),
+    ],
+)
+def test_bad_report_arguments_exit_2_with_the_reason_and_no_traceback(args, message, tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "report.py"), "--out", str(tmp_path), *args]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "work").exists()  # refused before any work
