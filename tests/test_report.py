@@ -41,10 +41,9 @@ def test_the_report_writes_its_tables_search_and_speed_and_a_rerun_trains_nothin
     search = text.split("## The search", 1)[1].split("## Speed", 1)[0]
     assert "the base config" in search and "rank" in search
     assert "ranked first" in search or "beat the preset's values" in search
-    # speed: each benchmark ran and its own figures are pasted, none failed
+    # speed: each benchmark of the tiny set (all but Ray Tune's) ran, its output pasted, none failed
     speed = text.split("## Speed", 1)[1]
-    for figure in ("official stargan", "ratio end-to-end / bare forward", "study wall time",
-                   "submit latency"):  # fmt: skip
+    for figure in ("official stargan", "ratio end-to-end / bare forward", "submit latency"):
         assert figure in speed.lower(), figure
     assert "It failed" not in speed
     runs = sorted((out / "work" / "runs" / "gan").iterdir())
