@@ -211,10 +211,8 @@ class Report:
             if self.a.screenshot and "search/screenshot" not in self.state:
                 self.state["search/screenshot"] = self.screenshot()
                 self.save()
-        sizes = SPEED_ARGS.get(self.a.speed, ("",) * len(BENCHMARKS))
+        sizes = SPEED_ARGS.get(self.a.speed, (None,) * len(BENCHMARKS))  # none: all skipped
         for (_, script), args in zip(BENCHMARKS, sizes, strict=True):
-            if self.a.speed == "none":
-                break
             if args is None:
                 continue
             if f"speed/{script}" not in self.state or self.state[f"speed/{script}"]["rc"]:
@@ -255,15 +253,15 @@ class Report:
 
         from mlflow.tracking import MlflowClient
 
+        from dgan.run.launch import free_port
+
         if not shutil.which("chromium") and not shutil.which("chromium-browser"):
             return "not taken: Chromium is not installed (Debian: apt-get install chromium)"
         client = MlflowClient(self.uri)
         parent = client.get_run(self.state["search"]["parent_run_id"])
         match = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         children = client.search_runs([parent.info.experiment_id], match)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         ui = subprocess.Popen([_dgan(), "ui", "--tracking-uri", self.uri, "--port", str(port)],
                               cwd=self.work, env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
