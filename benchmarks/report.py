@@ -224,7 +224,7 @@ class Report:
             self.state.setdefault("invocations", []).append({
                 "args": " ".join(sys.argv[1:]), "minutes": round(seconds / 60, 1),
                 "load_before": round(self.load_before, 2),
-                "load_end": round(os.getloadavg()[0], 2)})  # fmt: skip
+                "load_end": round(os.getloadavg()[0], 2), "commit": _commit()})  # fmt: skip
         self.save()
         self.write()
 
@@ -437,7 +437,24 @@ def _load(invocation: dict) -> str:
     """The machine's load around one invocation: before it (other processes) and at its end."""
     before = invocation.get("load_before")
     start = "" if before is None else f"{before:.1f} before it and "
-    return f"load average {start}{invocation['load_end']:.1f} at its end, its own work included"
+    code = f", at commit {invocation['commit']}" if invocation.get("commit") else ""
+    end = f"{invocation['load_end']:.1f} at its end"
+    return f"load average {start}{end}, its own work included{code}"
+
+
+def _commit() -> str | None:
+    """The code's git commit (and '+changes' when the work tree differs): the presets a cut ran."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                              capture_output=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, text=True, capture_output=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _settle(limit_s: float) -> None:

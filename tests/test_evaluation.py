@@ -398,6 +398,33 @@ def test_training_evaluator_uses_the_same_inputs_every_time(trained):
     assert "fid_inspector_transfer" in first and "background_area_transfer" in first
 
 
+def test_a_run_that_names_an_inspector_trains_exactly_as_one_that_does_not(trained, tmp_path):
+    # Opening the judge builds the inspector's network, whose throwaway initial weights come from
+    # torch's global generator; training's noise and targets must not shift with that.
+    from dgan.train.gan import run_gan
+
+    common = ("train.iterations=10", "log.eval_every=10", "eval.n=4", "eval.realism_n=8",
+              "eval.realism_steps=2", f"log.tracking_uri={trained.uri}")  # fmt: skip
+    plain = run_gan(
+        tiny_gan_config(trained.data, *common, f"log.run_root={tmp_path / 'plain'}"), quiet=True
+    )
+    judged = run_gan(
+        tiny_gan_config(
+            trained.data, *common, f"log.run_root={tmp_path / 'judged'}",
+            f"eval.inspector={trained.inspector}",
+        ),
+        quiet=True,
+    )  # fmt: skip
+    assert "category_accuracy" in judged.metrics and "category_accuracy" not in plain.metrics
+    a, b = (
+        torch.load(r.run_dir / "checkpoints" / "iter-00000010" / "state.pt", weights_only=True)
+        for r in (plain, judged)
+    )
+    for net in ("G", "D"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
+
+
 def test_training_logs_evaluation_metrics_with_their_step_to_mlflow(trained):
     import mlflow
 

@@ -30,6 +30,7 @@ def test_the_report_writes_its_tables_search_and_speed_and_a_rerun_trains_nothin
     text = (out / "README.md").read_text()
     assert "## Table 2: the ablation" in text and "## Table 3: inspection" in text
     assert text.count("`python benchmarks/report.py --iterations 4") == 1  # the run that worked
+    assert re.search(r"at commit [0-9a-f]{7,}(\+changes)?\)", text)  # the code, so the presets
     number = r"\d\.\d{4}(?! ±)"  # one seed: the value alone, no spread
     for row in ("stargan", "full"):
         assert re.search(rf"\| {row} \| {number} \| {number} \|", text), row

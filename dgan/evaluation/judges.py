@@ -34,7 +34,23 @@ def open_judges(
     events: Events | None = None,
 ) -> Judges:
     """The extractors asked for (standard Inception only `with_inception`), and how the
-    inspector's outputs map onto `classes`. `required`: refuse when there is no extractor."""
+    inspector's outputs map onto `classes`. `required`: refuse when there is no extractor.
+
+    Building a network draws its initial weights from torch's global generator before the saved
+    ones replace them. Those draws are undone, so that a training run that names a judge trains
+    exactly as one that does not: a seed identifies a run. The networks are built on the CPU."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return _open_judges(
+            inception_weights, inspector, classes, device, tracking_uri, required,
+            with_inception, events,
+        )  # fmt: skip
+
+
+def _open_judges(
+    inception_weights, inspector, classes, device, tracking_uri, required, with_inception, events
+) -> Judges:
     if with_inception:
         inception, frozen = open_extractors(
             inception_weights, inspector, device, tracking_uri, events or Events(), required
