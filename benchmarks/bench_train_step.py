@@ -74,6 +74,7 @@ class Ours:
             "target_labels": (torch.rand(half, classes, generator=gen) > 0.5).float(),
             "alpha": torch.rand(half, 2, generator=gen),
             "region": torch.zeros(half, 5),  # the paper's constant control map
+            "d_augment": torch.rand(half, 6, 4, generator=gen),
         }
         self.G, self.D = self.nets.G_raw, self.nets.D_raw
 

@@ -51,6 +51,7 @@ class Step:
             "target_labels": (rand(half, CLASSES) > 0.5).float(),
             "alpha": rand(half, 2),
             "region": torch.zeros(half, 5, device=device),
+            "d_augment": rand(half, 6, 4),
         }
 
     def d(self) -> None:

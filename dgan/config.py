@@ -50,10 +50,19 @@ class GeneratorConfig(Section):
     # f = tanh(atanh(x) + h), so that f starts as the surface itself and a change of colour or
     # texture is learned, not painted from a flat colour. "image" is the paper's f = tanh(h).
     foreground: Literal["image", "offset"] = "image"
+    # Beyond the paper: what G paints into f is split into its grey and its colour (each channel's
+    # difference from the grey), and the colour is averaged over blocks of this many pixels and
+    # resized back bilinearly, as JPEG subsamples chroma. A crack stays a pixel wide in brightness
+    # but cannot be fringed with single magenta or green pixels. 1 is the paper's f.
+    chroma_stride: int = Field(1, ge=1, le=16)
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
     lwc: bool = True  # layer-wise composition, Eq. 1-4
+    # Beyond the paper: false runs the cycle's second pass (n^ and d^, Eq. 5-6) without ANI's
+    # noise. There L_rec asks d^ to repeat a real defect's texture to the pixel, so any noise
+    # costs L1 and G learns to turn it off everywhere, defacements included. True is the paper's.
+    cycle_noise: bool = True
     sc: bool = True  # spatial constraints, Eq. 9-10 (needs lwc)
 
 
@@ -70,6 +79,11 @@ class DiscriminatorConfig(Section):
     projection: bool = False
     # Beyond the paper: one more D_cls logit, "a restoration by G" (see loss.lambda_cls_restored_d).
     restored_output: bool = False
+    # Beyond the paper: D sees every image, real and fake, in its update and in G's, through a
+    # differentiable augmentation (DiffAugment, Zhao et al. 2020), so that it cannot learn a few
+    # hundred real defects by heart. "translation": shifts of up to 1/8 of a side;
+    # "translation_colour": also a mild brightness and contrast change (dgan/train/augment.py).
+    augment: Literal["none", "translation", "translation_colour"] = "none"
 
 
 class GanDataConfig(Section):

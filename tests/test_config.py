@@ -79,6 +79,8 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("train.mixed_precision=fp8", "'no', 'bf16' or 'fp16'"),
         ("train.beta1=1.5", "train.beta1: Input should be less than 1"),
         ("data.image_size=96", "must be a power of two"),
+        ("generator.chroma_stride=0", "generator.chroma_stride: Input should be greater than"),
+        ("discriminator.augment=cutout", "discriminator.augment: Input should be"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

@@ -12,6 +12,7 @@ from dgan.models.generator import (
     NoiseInjection,
     compose,
     control_map_from_labels,
+    subsample_chroma,
 )
 from dgan.models.speedups import Conv3x3, DownConv
 
@@ -49,6 +50,23 @@ def test_an_offset_foreground_starts_as_the_input_and_an_image_foreground_does_n
     # The offset still moves f: its head's gradient reaches the conv.
     G = tiny(foreground="offset")
     G(x, a).foreground.sum().backward()
+    assert G.to_foreground.weight.grad.abs().sum() > 0
+
+
+def test_subsampled_chroma_keeps_a_one_pixel_grey_line_and_spreads_a_one_pixel_colour():
+    painted = torch.zeros(1, 3, 16, 16)
+    painted[0, :, 5, :] = -0.8  # a dark line one pixel wide, grey in every channel
+    painted[0, 0, 10, 10], painted[0, 1, 10, 10] = 0.9, -0.9  # one red-not-green pixel
+    out = subsample_chroma(painted, 4)
+    torch.testing.assert_close(out.mean(dim=1), painted.mean(dim=1))  # the grey is untouched
+    torch.testing.assert_close(out[0, :, 5, :], painted[0, :, 5, :])  # so the line stays sharp
+    colour = (out - out.mean(dim=1, keepdim=True)).abs().amax(dim=1)[0]
+    assert colour[10, 10] < 0.9 / 8  # the pixel's colour is averaged over its 4x4 block
+    assert (colour > 0.01).sum() > 1  # and resized back over its neighbours, not dropped
+    uniform = torch.tensor([0.4, -0.2, 0.1]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    torch.testing.assert_close(subsample_chroma(uniform, 4), uniform)  # a flat colour survives
+    G = tiny(chroma_stride=4)
+    G(torch.zeros(2, 3, 16, 16), torch.zeros(2, C, 16, 16)).foreground.sum().backward()
     assert G.to_foreground.weight.grad.abs().sum() > 0
 
 
@@ -309,3 +327,13 @@ def test_conv3x3_is_the_plain_convolution_under_cpu_autocast():
     assert conv.uses_winograd(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not conv.uses_winograd(x)
+
+
+def test_a_forward_without_noise_is_deterministic_and_one_with_noise_is_not():
+    G = tiny()
+    with torch.no_grad():
+        for injection in G.noise:
+            injection.noise_strength.fill_(0.5)
+    x, a = torch.rand(2, 3, 16, 16) * 2 - 1, torch.zeros(2, C, 16, 16)
+    assert torch.equal(G(x, a, noise=False).image, G(x, a, noise=False).image)
+    assert not torch.equal(G(x, a).image, G(x, a).image)

@@ -426,3 +426,30 @@ def test_d_step_adds_d_cls_on_restorations_at_its_weight(weight, extra, tiny_fol
     rest = terms["d_adv"] + lw.lambda_gp * terms["d_gp"] + lw.lambda_cls_r * terms["d_cls_r"]
     torch.testing.assert_close(terms["d_total"] - rest, weight * expected, rtol=1e-4, atol=1e-5)
     assert weight == 0 or expected > 0
+
+
+@pytest.mark.parametrize("cycle_noise", [True, False])
+def test_cycle_noise_switch_decides_whether_the_second_pass_draws_ani_noise(
+    cycle_noise, tiny_folder
+):
+    # generator.cycle_noise=false: n^ and d^ (L_rec's images) come from G without ANI's noise,
+    # while the first pass keeps it.
+    from dgan.train.gan import first_pass, g_step
+
+    config = tiny_gan_config(tiny_folder, f"generator.cycle_noise={str(cycle_noise).lower()}")
+    accelerator, batch, nets = one_batch_and_nets(config)
+    with torch.no_grad():
+        for injection in nets.G_raw.noise:
+            injection.noise_strength.fill_(0.5)  # noise that shows
+    first = first_pass(nets, batch, config)
+    zeros = torch.zeros_like(batch["target_labels"])
+    with torch.no_grad():
+        quiet = nets.G_raw(first.image, torch.cat([zeros, batch["defect_labels"]]), noise=False)
+        expected = losses.reconstruction_loss(
+            torch.cat([batch["normal"], batch["defect"]]), quiet.image
+        )
+    terms = g_step(nets, batch, config, accelerator, first)
+    if cycle_noise:
+        assert abs(float(terms["g_rec"]) - float(expected)) > 1e-4
+    else:
+        torch.testing.assert_close(terms["g_rec"], expected)

@@ -113,6 +113,9 @@ class UnpairedStream(Dataset):
             defect = defect[:, :, ::-1] if flips[1] else defect
         # The defacement target follows the real label distribution, co-occurrence included.
         target = self.labels[self._pick(_TARGET, position, len(self.defects))]
+        # D's augmentation (dgan.train.augment), from its own stream so that the draws above
+        # stay the same: per image D reads, [d, n, d', n'] in D's update and [d', n'] in G's.
+        d_augment = np.random.default_rng([self.seed, _AUGMENT, position, 1]).random((6, 4))
         return {
             "normal": torch.from_numpy(np.ascontiguousarray(normal)),
             "defect": torch.from_numpy(np.ascontiguousarray(defect)),
@@ -120,6 +123,7 @@ class UnpairedStream(Dataset):
             "target_labels": torch.from_numpy(target),
             "alpha": torch.from_numpy(alpha),
             "region": torch.tensor(box, dtype=torch.float32),
+            "d_augment": torch.from_numpy(d_augment.astype(np.float32)),
         }
 
 

@@ -27,6 +27,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         upsample=g.upsample,
         fine_blocks=g.fine_blocks,
         foreground=g.foreground,
+        chroma_stride=g.chroma_stride,
     )
     discriminator = Discriminator(
         config.data.image_size,

@@ -182,9 +182,10 @@ class Generator(nn.Module):
         upsample: str = "transpose",
         fine_blocks: int = 0,
         foreground: str = "image",
+        chroma_stride: int = 1,
     ) -> None:
         super().__init__()
-        self.foreground_mode = foreground
+        self.foreground_mode, self.chroma_stride = foreground, chroma_stride
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
         c, d = num_classes, conv_dim
         in_channels = 3 if scc else 3 + c  # StarGAN: label concatenated to the image
@@ -218,12 +219,13 @@ class Generator(nn.Module):
         self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
 
     def forward(
-        self, x: Tensor, control: Control, generator: NoiseGenerator = None
+        self, x: Tensor, control: Control, generator: NoiseGenerator = None, noise: bool = True
     ) -> GeneratorOutput:
-        noise = iter(self.noise)
+        """`noise=False` runs without ANI's noise (the cycle's second pass may ask for that)."""
+        injections = iter(self.noise)
 
         def inject(h: Tensor) -> Tensor:
-            return next(noise)(h, generator) if self.ani else h
+            return next(injections)(h, generator) if self.ani and noise else h
 
         h = x if self.scc else torch.cat([x, control_as_map(control, *x.shape[2:])], dim=1)
         for block in self.encoder:
@@ -246,6 +248,8 @@ class Generator(nn.Module):
             padding=3,
         )
         painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:])
+        if self.chroma_stride > 1:
+            painted = subsample_chroma(painted, self.chroma_stride)
         if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
             painted = painted + torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
         foreground = torch.tanh(painted)
@@ -254,6 +258,15 @@ class Generator(nn.Module):
             foreground=foreground,
             defect_mask=defect_mask,
         )
+
+
+def subsample_chroma(painted: Tensor, stride: int) -> Tensor:
+    """painted with its colour (each channel minus the channels' mean) averaged over stride x stride
+    blocks and resized back bilinearly; its grey is kept at full resolution."""
+    grey = painted.mean(dim=1, keepdim=True)
+    chroma = nn.functional.avg_pool2d(painted - grey, stride, ceil_mode=True)
+    size = painted.shape[2:]
+    return grey + nn.functional.interpolate(chroma, size, mode="bilinear", align_corners=False)
 
 
 def compose(background: Tensor, foreground: Tensor, defect_mask: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from dgan.run.harness import Cadence, Export, TrainingJob
 from dgan.run.launch import launch_training, training_worker
 from dgan.run.result import JobResult
 from dgan.tracking import PYFUNC_DIR
+from dgan.train.augment import augment
 
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
 G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
@@ -111,8 +112,10 @@ def d_step(
         with torch.no_grad():  # D's update needs the fakes, not G's graph
             first = nets.G_raw(torch.cat([n, d]), control)
     b = n.shape[0]
-    real = torch.cat([d, n])
-    fake_images = first.image.detach()  # [d' from n | n' from d]
+    policy, draws = config.discriminator.augment, batch["d_augment"]
+    real = augment(torch.cat([d, n]), torch.cat([draws[:, 0], draws[:, 1]]), policy)
+    # [d' from n | n' from d]
+    fake_images = augment(first.image.detach(), torch.cat([draws[:, 2], draws[:, 3]]), policy)
     alpha = torch.cat([batch["alpha"][:, 0], batch["alpha"][:, 1]])
     x_hat = losses.interpolate(real, fake_images, alpha).requires_grad_(True)
     # Labels of what each image shows, for a projection D: real ones their own, fakes the asked.
@@ -186,10 +189,12 @@ def g_step(
     if first is None:
         first = first_pass(nets, batch, config)  # [d' | n']
     # [n^ | d^]; A as labels, i.e. repeated over space (training-time control map, Sec. 3.1).
-    second = nets.G(first.image, torch.cat([zeros, c_real]))
+    second = nets.G(first.image, torch.cat([zeros, c_real]), noise=config.generator.cycle_noise)
     for p in nets.D_raw.parameters():
         p.requires_grad_(False)
-    src, cls = nets.D_raw(first.image, torch.cat([c_target, zeros]))
+    draws = batch["d_augment"]
+    seen = augment(first.image, torch.cat([draws[:, 4], draws[:, 5]]), config.discriminator.augment)
+    src, cls = nets.D_raw(seen, torch.cat([c_target, zeros]))
     for p in nets.D_raw.parameters():
         p.requires_grad_(True)
     lw, use_sc = config.loss, config.generator.sc
