@@ -68,5 +68,11 @@ def test_log_loss_ranks_two_altered_copies_that_the_auc_ties(surfaces, one_threa
     assert far.log_loss < mild.log_loss < 0.693  # ...but the bolder stripes more confidently
 
 
-def test_log_loss_of_two_halves_of_one_set_is_near_chance(surfaces, one_thread):
-    assert abs(halves_test(surfaces, seed=0, steps=150).log_loss - 0.693) < 0.15
+def test_log_loss_of_two_halves_of_one_set_never_falls_well_below_chance(surfaces, one_thread):
+    # Two halves of one set cannot be told apart, so the held-out log loss must not fall toward
+    # 0. It may pass ln 2 where the classifier overfits its half (0.68-1.71 over seeds 0-3 at 150
+    # steps, by machine), as dgan.metrics.realism says; the AUC is the figure to read then.
+    for seed in range(3):
+        result = halves_test(surfaces, seed=seed, steps=150)
+        assert result.log_loss > 0.693 - 0.15, (seed, result)
+        assert abs(result.auc - 0.5) < 0.15, (seed, result)
