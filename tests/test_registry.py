@@ -114,6 +114,49 @@ def test_run_tags_hash_the_training_settings_not_where_a_run_logs_or_its_data_li
     assert tags["dgan.config_hash"] != run_tags("gan", reseeded, tmp_path, "x")["dgan.config_hash"]
 
 
+def test_runs_that_start_together_share_one_experiment_and_one_dataset_row(store, tmp_path):
+    """A study's trials start at once: each creates its run in a new experiment and logs the same
+    dataset input. The store takes each insert once, and no run fails over it."""
+    import sqlite3
+    import threading
+
+    from dgan.tracking.tracker import Tracker
+
+    data, n, rounds = tmp_path / "data", 4, 4
+    data.mkdir()
+    barrier, errors = threading.Barrier(n), []
+    trackers: list[list] = [[] for _ in range(rounds)]
+
+    def start_and_log(i: int) -> None:
+        try:
+            for k in range(rounds):
+                barrier.wait()
+                tracker = Tracker(True, store, f"started-together-{k}", f"trial-{i}")
+                trackers[k].append(tracker)
+                tracker.log_dataset(data, "digest")
+        except Exception as err:  # collected: the test names every failed write
+            errors.append(f"{type(err).__name__}: {err}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=start_and_log, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client = client_for(store)
+    for started in trackers:
+        assert len(started) == n and len({t.experiment_id for t in started}) == 1
+        for tracker in started:
+            inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+            assert [i.dataset.digest for i in inputs] == ["digest"]
+        with contextlib.closing(sqlite3.connect(store.removeprefix("sqlite:///"))) as db:
+            rows = db.execute(
+                "SELECT COUNT(*) FROM datasets WHERE experiment_id = ?", (started[0].experiment_id,)
+            ).fetchall()
+        assert rows == [(1,)]
+
+
 def test_promotion_settings_are_checked_before_any_work():
     with pytest.raises(DganError, match="log.promote_mode=max or log.promote_mode=min"):
         load_config("gan", [], ["log.promote_if_better=mask_mean"])

@@ -102,6 +102,43 @@ def open_client(uri: str | None = None):
     return mlflow.MlflowClient(resolve_tracking_uri(uri))
 
 
+# What a store says when two writers insert the same unique row (SQLite, PostgreSQL, MySQL, and
+# the REST error of a server in front of any of them).
+_RACE_MARKS = (
+    "UNIQUE constraint failed",
+    "duplicate key value",
+    "Duplicate entry",
+    "RESOURCE_ALREADY_EXISTS",
+)
+
+
+def _again_on_race(write, attempts: int = 5):
+    """Run `write`; when a concurrent writer inserted the same unique row first, run it again
+    (the store rolled the failed write back, and the second finds the row)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return write()
+        except MlflowException as err:
+            if attempt == attempts - 1 or not any(m in str(err) for m in _RACE_MARKS):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
+def _experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing; two runs creating it at once share one."""
+
+    def get_or_create() -> str:
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name)
+
+    return _again_on_race(get_or_create)
+
+
 class Tracker:
     """A thin MLflow run. Disabled (every call a no-op) on non-main processes."""
 
@@ -126,8 +163,7 @@ class Tracker:
         check_reachable(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = _experiment_id(self.client, experiment)
         self.experiment, self.experiment_id = experiment, exp_id
         if run_id is None:
             run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
@@ -169,7 +205,11 @@ class Tracker:
             source=json.dumps({"uri": str(root)}),
         )  # fmt: skip
         tag = InputTag("mlflow.data.context", context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
+        inputs = [DatasetInput(dataset, tags=[tag])]
+        # Runs that start together (a study's trials, the queue's jobs) may all find the dataset
+        # missing and insert it; the store keeps one row, the others fail and are written again,
+        # now linking to that row.
+        _again_on_race(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled or not metrics:
