@@ -119,14 +119,14 @@ def _again_on_race(write, attempts: int = 5):
 
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return write()
         except MlflowException as err:
-            if attempt == attempts - 1 or not any(m in str(err) for m in _RACE_MARKS):
+            if not any(mark in str(err) for mark in _RACE_MARKS):
                 raise
-            time.sleep(0.05 * (attempt + 1))
-    return None
+            time.sleep(0.05 * attempt)
+    return write()
 
 
 def _experiment_id(client, name: str) -> str:
