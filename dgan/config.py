@@ -125,6 +125,9 @@ class GanLossConfig(Section):
     lambda_sd_cyc: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_con: float = Field(1.0, ge=0)  # Eq. 12
     lambda_outside: float = Field(5.0, ge=0)  # beyond the paper: m outside the asked region
+    # Beyond the paper: m(1 - m), so that G either replaces a pixel by f or keeps it, instead of
+    # blending f in at m ~ 0.5 (0 by default: the paper's m is free in [0, 1]).
+    lambda_binary: float = Field(0.0, ge=0)
     # Beyond the paper: D_cls also learns that defacements d' show no real defect (0 by default).
     lambda_cls_fake_d: float = Field(0.0, ge=0)
     # Beyond the paper: D_cls also learns that restorations n' still show the defect they came

@@ -91,6 +91,12 @@ def outside_region_loss(defect_mask: Tensor, region: Tensor) -> Tensor:
     return (defect_mask * (1 - region)).mean()
 
 
+def binary_mask_loss(defect_mask: Tensor) -> Tensor:
+    """Beyond the paper: mean m(1 - m), zero where m is 0 or 1 and largest at 0.5. Eq. 2 and 4
+    then compose each pixel from one layer, the surface or the foreground, not from a blend."""
+    return (defect_mask * (1 - defect_mask)).mean()
+
+
 def interpolate(real: Tensor, fake: Tensor, alpha: Tensor) -> Tensor:
     """Random points between real and fake samples, where WGAN-GP evaluates the penalty."""
     a = alpha.view(-1, 1, 1, 1).to(real.dtype)

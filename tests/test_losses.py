@@ -65,6 +65,15 @@ def test_outside_region_loss_counts_the_map_only_where_normal_was_asked():
     assert losses.outside_region_loss(m, torch.ones_like(m)).item() == 0.0
 
 
+def test_binary_mask_loss_is_zero_at_either_layer_and_pushes_a_blend_to_the_nearer_one():
+    assert losses.binary_mask_loss(torch.tensor([0.0, 1.0, 1.0, 0.0])).item() == 0.0
+    assert losses.binary_mask_loss(torch.tensor([0.5, 0.5])).item() == pytest.approx(0.25)
+    m = torch.tensor([0.3, 0.8], requires_grad=True)
+    losses.binary_mask_loss(m).backward()
+    # descending the loss moves 0.3 down towards the surface and 0.8 up towards f
+    assert m.grad[0].item() > 0 > m.grad[1].item()
+
+
 def test_interpolate_mixes_real_and_fake_by_alpha():
     real, fake = torch.ones(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
     mixed = losses.interpolate(real, fake, torch.tensor([0.25, 1.0]))

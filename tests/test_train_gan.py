@@ -453,3 +453,32 @@ def test_cycle_noise_switch_decides_whether_the_second_pass_draws_ani_noise(
         assert abs(float(terms["g_rec"].detach()) - float(expected)) > 1e-4
     else:
         torch.testing.assert_close(terms["g_rec"], expected)
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
+    weight, tiny_folder
+):
+    # loss.lambda_binary (beyond the paper): m(1 - m) over m_d and m_n of the first pass, carried
+    # by g_total at its weight; at 0 it is absent.
+    from dgan.train.gan import first_pass, g_step
+
+    config = tiny_gan_config(tiny_folder, "generator.ani=false", f"loss.lambda_binary={weight}")
+    accelerator, batch, nets = one_batch_and_nets(config)
+    first = first_pass(nets, batch, config)
+    expected = losses.binary_mask_loss(first.defect_mask.detach()) if weight else torch.tensor(0.0)
+    terms = g_step(nets, batch, config, accelerator, first)
+    torch.testing.assert_close(terms["g_binary"].detach(), expected, rtol=1e-5, atol=1e-6)
+    lw = config.loss
+    rest = (
+        terms["g_adv"]
+        + lw.lambda_cls_f * terms["g_cls_f"]
+        + lw.lambda_rec * terms["g_rec"]
+        + lw.lambda_sd_cyc * terms["g_sd_cyc"]
+        + lw.lambda_sd_con * terms["g_sd_con"]
+        + lw.lambda_outside * terms["g_outside"]
+    )
+    torch.testing.assert_close(
+        (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
+    )
+    assert weight == 0 or expected > 0

@@ -85,6 +85,7 @@ METRICS: dict[str, Metric] = {
                 "g_sd_cyc",
                 "g_sd_con",
                 "g_outside",
+                "g_binary",
                 "g_total",
             )
         ),  # fmt: skip

@@ -31,7 +31,9 @@ from dgan.tracking import PYFUNC_DIR
 from dgan.train.augment import augment
 
 D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
-G_TERMS = ("g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total")
+G_TERMS = (
+    "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary", "g_total",
+)  # fmt: skip
 
 
 @dataclass
@@ -217,6 +219,9 @@ def g_step(
         terms["g_outside"] = losses.outside_region_loss(first.defect_mask[:b], where)
     else:
         terms["g_sd_cyc"] = terms["g_sd_con"] = terms["g_outside"] = n.new_zeros(())
+    # both maps of the first pass, m_d and m_n, as Eq. 10 takes them
+    has_mask = first.defect_mask is not None and lw.lambda_binary > 0
+    terms["g_binary"] = losses.binary_mask_loss(first.defect_mask) if has_mask else n.new_zeros(())
     terms["g_total"] = (
         terms["g_adv"]
         + lw.lambda_cls_f * terms["g_cls_f"]
@@ -224,6 +229,7 @@ def g_step(
         + lw.lambda_sd_cyc * terms["g_sd_cyc"] * use_sc
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
         + lw.lambda_outside * terms["g_outside"] * use_sc
+        + lw.lambda_binary * terms["g_binary"]
     )
     terms["mask_mean"] = (
         first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
@@ -344,7 +350,7 @@ class GanJob(TrainingJob):
     schedulable_keys = (
         "loss.lambda_gp", "loss.lambda_cls_r", "loss.lambda_cls_f", "loss.lambda_rec",
         "loss.lambda_sd_cyc", "loss.lambda_sd_con", "loss.lambda_outside",
-        "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
+        "loss.lambda_binary", "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
     )  # fmt: skip
     guarded_terms = (*D_TERMS, *G_TERMS)
     divergence_advice = (

@@ -50,7 +50,8 @@ REALISM = ("realism_auc", "realism_log_loss")  # the realism test's two statisti
 TRIAL_METRICS = (
     *NEEDS_INCEPTION, *NEEDS_INSPECTOR, "realism_auc", "realism_log_loss", "background_change",
     "spatial_precision", "diversity_l1", "d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored",
-    "d_total", "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_total",
+    "d_total", "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary",
+    "g_total",
 )  # fmt: skip
 
 
