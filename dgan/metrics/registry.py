@@ -21,6 +21,13 @@ from dgan.errors import DganError
 Direction = Literal["min", "max"]
 
 
+# Defect-GAN's loss terms as the trainer logs them (dgan.train.gan's d_step and g_step).
+GAN_D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
+GAN_G_TERMS = (
+    "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary", "g_total",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -70,25 +77,7 @@ METRICS: dict[str, Metric] = {
         Metric("loss_total", "min", "the inspector's total loss"),
         Metric("source_accuracy", None, "f_src telling synthetic from real"),
         # Defect-GAN's loss terms (dgan.losses), Eq. 11 and 12.
-        *(
-            Metric(name, "min", f"loss term {name}")
-            for name in (
-                "d_adv",
-                "d_gp",
-                "d_cls_r",
-                "d_cls_fake",
-                "d_cls_restored",
-                "d_total",
-                "g_adv",
-                "g_cls_f",
-                "g_rec",
-                "g_sd_cyc",
-                "g_sd_con",
-                "g_outside",
-                "g_binary",
-                "g_total",
-            )
-        ),  # fmt: skip
+        *(Metric(name, "min", f"loss term {name}") for name in (*GAN_D_TERMS, *GAN_G_TERMS)),
     )
 }
 STAGES = ("best_val_", "val_", "test_", "train_")

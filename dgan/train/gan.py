@@ -22,6 +22,7 @@ from dgan.data.loader import UnpairedStream, gan_loader, select_classes, to_unit
 from dgan.errors import DganError
 from dgan.events import Events
 from dgan.io import atomic_save_image
+from dgan.metrics.registry import GAN_D_TERMS, GAN_G_TERMS
 from dgan.models import build_gan
 from dgan.models.generator import Generator, GeneratorOutput, control_map_from_labels
 from dgan.run.harness import Cadence, Export, TrainingJob
@@ -29,11 +30,6 @@ from dgan.run.launch import launch_training, training_worker
 from dgan.run.result import JobResult
 from dgan.tracking import PYFUNC_DIR
 from dgan.train.augment import augment
-
-D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
-G_TERMS = (
-    "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary", "g_total",
-)  # fmt: skip
 
 
 @dataclass
@@ -352,7 +348,7 @@ class GanJob(TrainingJob):
         "loss.lambda_sd_cyc", "loss.lambda_sd_con", "loss.lambda_outside",
         "loss.lambda_binary", "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
     )  # fmt: skip
-    guarded_terms = (*D_TERMS, *G_TERMS)
+    guarded_terms = (*GAN_D_TERMS, *GAN_G_TERMS)
     divergence_advice = (
         "Lower the learning rates (train.lr_g, train.lr_d), or use mixed_precision=no, and "
         "resume from it."

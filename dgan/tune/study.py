@@ -31,6 +31,7 @@ from dgan.config import GanConfig, TuneConfig, flatten, load_config, to_yaml
 from dgan.errors import DganError
 from dgan.events import ConsoleEvents, Events
 from dgan.io import atomic_write_text
+from dgan.metrics.registry import GAN_D_TERMS, GAN_G_TERMS
 from dgan.tune.space import SearchSpace, apply_params, load_space
 
 STUDY_FILE = "study.json"
@@ -49,9 +50,7 @@ REALISM = ("realism_auc", "realism_log_loss")  # the realism test's two statisti
 # the running means of the loss terms (Eq. 11-12), by their registered base names.
 TRIAL_METRICS = (
     *NEEDS_INCEPTION, *NEEDS_INSPECTOR, "realism_auc", "realism_log_loss", "background_change",
-    "spatial_precision", "diversity_l1", "d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored",
-    "d_total", "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary",
-    "g_total",
+    "spatial_precision", "diversity_l1", *GAN_D_TERMS, *GAN_G_TERMS,
 )  # fmt: skip
 
 
