@@ -84,6 +84,11 @@ class DiscriminatorConfig(Section):
     # hundred real defects by heart. "translation": shifts of up to 1/8 of a side;
     # "translation_colour": also a mild brightness and contrast change (dgan/train/augment.py).
     augment: Literal["none", "translation", "translation_colour"] = "none"
+    # Beyond the paper: each D_src head also reads the standard deviation of its features over
+    # groups of this many images of one kind (Karras et al. 2018, "minibatch standard deviation"),
+    # so that D can tell a batch of fakes that all draw one shape at one place from varied real
+    # defects. 0: off, the paper's D.
+    minibatch_std: int = Field(0, ge=0, le=64)
 
 
 class GanDataConfig(Section):
@@ -252,6 +257,13 @@ class GanConfig(Section):
                 "discriminator.restored_output=true trains its logit with "
                 "loss.lambda_cls_restored_d, which is 0; set it above 0 (1 in the demo runs "
                 "measured) or discriminator.restored_output=false"
+            )
+        group, half = self.discriminator.minibatch_std, self.train.batch_size // 2
+        if group and half % group:
+            raise ValueError(
+                f"discriminator.minibatch_std={group} must divide train.batch_size / 2 = {half}, "
+                "so that no group mixes real images with fakes or defects with normals; "
+                f"use a divisor of {half} (4 at the demo's batch of 16) or 0"
             )
         if self.train.batch_size % 2:
             raise ValueError(

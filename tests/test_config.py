@@ -108,6 +108,13 @@ def test_fine_source_head_is_off_in_the_paper_preset_and_bounded_by_ds_depth():
         load_config("gan", ["demo"], ["discriminator.fine_src_layer=4"])
 
 
+def test_minibatch_std_is_off_in_the_paper_preset_and_must_divide_each_half_of_a_batch():
+    assert load_config("gan", ["paper"], []).discriminator.minibatch_std == 0
+    assert load_config("gan", ["demo"], ["discriminator.minibatch_std=8"])  # batch 16: 8 + 8
+    with pytest.raises(DganError, match=r"minibatch_std=3 must divide train.batch_size / 2 = 8"):
+        load_config("gan", ["demo"], ["discriminator.minibatch_std=3"])
+
+
 def test_restored_output_is_off_in_the_paper_preset_and_needs_its_loss_weight():
     paper = load_config("gan", ["paper"], [])
     assert paper.discriminator.restored_output is False

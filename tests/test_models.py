@@ -236,6 +236,27 @@ def test_fine_source_head_scores_each_small_patch_on_its_own():
     assert touched[:8, :8].any() and not touched[8:].any() and not touched[:, 8:].any()
 
 
+def test_minibatch_std_lets_each_source_head_read_the_spread_of_its_run_and_not_beyond():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1, minibatch_std=2)
+    assert D.src.in_channels == 17 and D.fine_src.in_channels == 5  # features + one std channel
+    x = torch.randn(4, 3, 32, 32)
+    x[1] = x[0]  # the first run of two: one image twice, so no spread at all
+    h = D.with_group_std(D.main(x))
+    assert h.shape == (4, 17, 2, 2)
+    assert torch.all(h[:2, -1] < 1e-3) and torch.all(h[2:, -1] > 1e-3)
+    assert torch.equal(h[2, -1], h[3, -1])  # one value per run, shared by its images
+    src, cls = D(x)
+    moved = x.clone()
+    moved[3] = torch.randn(3, 32, 32)
+    src2, cls2 = D(moved)
+    assert not torch.allclose(src2[2], src[2])  # its run-mate changed: D_src reads the spread
+    torch.testing.assert_close(src2[:2], src[:2])  # the other run is untouched
+    torch.testing.assert_close(cls2[:3], cls[:3])  # D_cls judges each image alone
+    with pytest.raises(ValueError, match="does not split into runs of minibatch_std=2"):
+        D(torch.randn(3, 3, 32, 32))
+
+
 def test_without_fine_source_head_discriminator_is_the_papers():
     D = Discriminator(32, C, conv_dim=4, max_dim=16)
     assert D.fine_src is None

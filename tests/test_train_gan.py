@@ -274,6 +274,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_even_with_loader_workers
     [
         ("discriminator.fine_src_layer=1", "fine_src.weight"),  # the fine D_src head
         ("discriminator.projection=true", "embed.weight"),  # the projection's label embedding
+        ("discriminator.minibatch_std=2", "src.weight"),  # D_src reading its run's spread
     ],
 )
 def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
@@ -286,6 +287,7 @@ def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
     from dgan.models import build_gan
 
     _, D0 = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
+    assert trained[f"D.{weight}"].shape == D0.state_dict()[weight].shape
     assert not torch.equal(trained[f"D.{weight}"], D0.state_dict()[weight])
 
 

@@ -38,5 +38,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         fine_src_layer=d.fine_src_layer,
         projection=d.projection,
         restored_output=d.restored_output,
+        minibatch_std=d.minibatch_std,
     )
     return generator, discriminator

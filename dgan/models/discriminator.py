@@ -5,12 +5,16 @@ stride-2 layers); a fixed depth breaks at other sizes. Beyond the paper, a secon
 read an early, high-resolution feature map, so that D judges small patches (a thin crack) and not
 only the whole image. Another switch makes D_src class-conditional by projection (Miyato and
 Koyama 2018), so that D judges "is this a real crack" and not only "is this a real image".
+A third lets each D_src head read how much its features vary over a few images of one kind
+(Karras et al. 2018), so that a generator that draws one shape at one place on every input
+scores worse than varied real defects.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from dgan.models.speedups import DownConv
@@ -31,6 +35,10 @@ class Discriminator(nn.Module):
     images (their own for real ones, the asked ones for fakes); `labels` is then required.
     With `restored_output`, D_cls has one more logit after the categories,
     "this is one of G's restorations".
+    With `minibatch_std` g, each D_src head also reads one more channel: the standard deviation of
+    its input features over each run of g consecutive images, averaged over channels, per
+    position. Callers order a batch so that every run of g holds images of one kind (real
+    defects, real normals, defacements or restorations); D_cls does not read it.
     """
 
     def __init__(
@@ -43,8 +51,11 @@ class Discriminator(nn.Module):
         fine_src_layer: int | None = None,
         projection: bool = False,
         restored_output: bool = False,
+        minibatch_std: int = 0,
     ) -> None:
         super().__init__()
+        self.minibatch_std = minibatch_std
+        extra = 1 if minibatch_std else 0
         n_layers = n_layers or default_depth(image_size)
         layers: list[nn.Module] = []
         in_ch, out_ch = 3, conv_dim
@@ -53,7 +64,7 @@ class Discriminator(nn.Module):
             in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
         self.main = nn.Sequential(*layers)
         final = image_size >> n_layers
-        self.src = nn.Conv2d(in_ch, 1, 3, padding=1, bias=False)  # PatchGAN head
+        self.src = nn.Conv2d(in_ch + extra, 1, 3, padding=1, bias=False)  # PatchGAN head
         # One logit per category, and with `restored_output` one more: "a restoration by G".
         self.cls = nn.Conv2d(in_ch, num_classes + restored_output, final, bias=False)
         self.embed = nn.Linear(num_classes, in_ch, bias=False) if projection else None
@@ -63,18 +74,34 @@ class Discriminator(nn.Module):
             if not 1 <= fine_src_layer < n_layers:
                 raise ValueError(f"fine_src_layer must be in 1..{n_layers - 1}: {fine_src_layer}")
             fine_ch = min(conv_dim << (fine_src_layer - 1), max_dim)
-            self.fine_src = nn.Conv2d(fine_ch, 1, 3, padding=1, bias=False)
+            self.fine_src = nn.Conv2d(fine_ch + extra, 1, 3, padding=1, bias=False)
+
+    def with_group_std(self, h: Tensor) -> Tensor:
+        """h and, as one more channel, the std of h over each run of `minibatch_std` images."""
+        if not self.minibatch_std:
+            return h
+        b, c, height, width = h.shape
+        g = self.minibatch_std
+        if b % g:
+            raise ValueError(
+                f"a batch of {b} images does not split into runs of minibatch_std={g} images"
+            )
+        runs = h.float().reshape(b // g, g, c, height, width)
+        std = (runs.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1, keepdim=True)
+        std = std.repeat_interleave(g, dim=0).to(h.dtype)  # (b, 1, height, width)
+        return torch.cat([h, std], dim=1)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.fine_src is None:
             h = self.main(x)
-            src = self.src(h)
+            src = self.src(self.with_group_std(h))
         else:
             split = 2 * self.fine_src_layer  # each layer is a conv and a LeakyReLU
             early = self.main[:split](x)
             h = self.main[split:](early)
-            src = self.src(h)
-            src = src + nn.functional.adaptive_avg_pool2d(self.fine_src(early), src.shape[2:])
+            src = self.src(self.with_group_std(h))
+            fine = self.fine_src(self.with_group_std(early))
+            src = src + nn.functional.adaptive_avg_pool2d(fine, src.shape[2:])
         if self.embed is not None:
             if labels is None:
                 raise ValueError("a projection discriminator needs the images' labels")
