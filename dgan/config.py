@@ -258,16 +258,16 @@ class GanConfig(Section):
                 "loss.lambda_cls_restored_d, which is 0; set it above 0 (1 in the demo runs "
                 "measured) or discriminator.restored_output=false"
             )
+        if self.train.batch_size % 2:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be even: half normals, half defects"
+            )
         group, half = self.discriminator.minibatch_std, self.train.batch_size // 2
         if group and half % group:
             raise ValueError(
                 f"discriminator.minibatch_std={group} must divide train.batch_size / 2 = {half}, "
                 "so that no group mixes real images with fakes or defects with normals; "
                 f"use a divisor of {half} (4 at the demo's batch of 16) or 0"
-            )
-        if self.train.batch_size % 2:
-            raise ValueError(
-                f"train.batch_size={self.train.batch_size} must be even: half normals, half defects"
             )
         if self.train.lr_end > min(self.train.lr_g, self.train.lr_d):
             raise ValueError("train.lr_end must not exceed train.lr_g and train.lr_d")

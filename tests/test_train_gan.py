@@ -291,6 +291,18 @@ def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
     assert not torch.equal(trained[f"D.{weight}"], D0.state_dict()[weight])
 
 
+def test_minibatch_std_is_checked_against_each_processs_share_of_the_batch(tiny_folder):
+    from dgan.errors import DganError
+    from dgan.train.gan import check_minibatch_std
+
+    config = tiny_gan_config(tiny_folder, "train.batch_size=16", "discriminator.minibatch_std=8")
+    check_minibatch_std(config, 1)  # 8 of each kind in one process
+    with pytest.raises(DganError, match=r"minibatch_std=8 must divide each process's 4 images"):
+        check_minibatch_std(config, 2)  # 4 of each kind per process: a run of 8 mixes kinds
+    check_minibatch_std(tiny_gan_config(tiny_folder, "train.batch_size=16",
+                                        "discriminator.minibatch_std=4"), 2)  # fmt: skip
+
+
 def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_folder):
     # The training loop runs G's first pass once on G's iterations and hands it to both steps;
     # that must be the very update of running it inside each step (noise off, same batch).

@@ -270,7 +270,23 @@ def ema_beta(config: GanConfig, iteration: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_minibatch_std(config: GanConfig, num_processes: int) -> None:
+    """D's runs of `discriminator.minibatch_std` images must not straddle two kinds of image in
+    one process's batch, which holds train.batch_size / 2 / num_processes of each kind."""
+    group = config.discriminator.minibatch_std
+    local = config.train.batch_size // 2 // num_processes
+    if group and local % group:
+        raise DganError(
+            f"discriminator.minibatch_std={group} must divide each process's "
+            f"{local} images of one kind (train.batch_size={config.train.batch_size} over "
+            f"{num_processes} processes, half normals and half defects); use a divisor of "
+            f"{local}, or 0",
+            exit_code=2,
+        )
+
+
 def build_nets(config: GanConfig, num_classes: int, accelerator) -> Nets:
+    check_minibatch_std(config, accelerator.num_processes)
     torch.manual_seed(config.train.seed)  # identical initial weights on every process
     G, D = build_gan(config, num_classes)
     t = config.train
