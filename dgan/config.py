@@ -89,6 +89,10 @@ class DiscriminatorConfig(Section):
     # so that D can tell a batch of fakes that all draw one shape at one place from varied real
     # defects. 0: off, the paper's D.
     minibatch_std: int = Field(0, ge=0, le=64)
+    # Beyond the paper: D_src reads a trunk of its own, of the same shape, instead of sharing
+    # StarGAN's trunk with D_cls, whose three category losses otherwise shape the features that
+    # tell real from fake. False: the paper's (StarGAN's) shared trunk.
+    separate_src: bool = False
 
 
 class GanDataConfig(Section):

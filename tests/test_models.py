@@ -257,6 +257,35 @@ def test_minibatch_std_lets_each_source_head_read_the_spread_of_its_run_and_not_
         D(torch.randn(3, 3, 32, 32))
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_separate_src_gives_the_source_heads_a_trunk_that_d_cls_does_not_read(separate):
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=2, projection=True,
+                      separate_src=separate)  # fmt: skip
+    x, labels = torch.randn(2, 3, 32, 32), torch.ones(2, C)
+    src, cls = D(x, labels)
+    assert src.shape == (2, 1, 2, 2) and cls.shape == (2, C)
+
+    def touched(out, module):
+        D.zero_grad()
+        out.sum().backward(retain_graph=True)
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    if not separate:  # StarGAN's D: one trunk under both outputs
+        assert D.src_main is None and not any(k.startswith("src_main.") for k in D.state_dict())
+        assert touched(src, D.main) and touched(cls, D.main)
+        return
+    # Every D_src path (main head, fine head, projection) reads src_main and not main.
+    assert touched(src, D.src_main) and not touched(src, D.main)
+    assert touched(cls, D.main) and not touched(cls, D.src_main)
+    assert D.src_main[0].weight.shape == D.main[0].weight.shape  # a twin of the shared trunk
+    # The other weights start as they do without the switch (src_main is built last).
+    torch.manual_seed(0)
+    shared = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=2, projection=True)
+    for key, value in shared.state_dict().items():
+        torch.testing.assert_close(D.state_dict()[key], value)
+
+
 def test_without_fine_source_head_discriminator_is_the_papers():
     D = Discriminator(32, C, conv_dim=4, max_dim=16)
     assert D.fine_src is None

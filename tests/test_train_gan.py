@@ -275,6 +275,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_even_with_loader_workers
         ("discriminator.fine_src_layer=1", "fine_src.weight"),  # the fine D_src head
         ("discriminator.projection=true", "embed.weight"),  # the projection's label embedding
         ("discriminator.minibatch_std=2", "src.weight"),  # D_src reading its run's spread
+        ("discriminator.separate_src=true", "src_main.0.weight"),  # D_src's own trunk
     ],
 )
 def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(

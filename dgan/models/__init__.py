@@ -39,5 +39,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         projection=d.projection,
         restored_output=d.restored_output,
         minibatch_std=d.minibatch_std,
+        separate_src=d.separate_src,
     )
     return generator, discriminator

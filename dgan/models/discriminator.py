@@ -7,7 +7,8 @@ only the whole image. Another switch makes D_src class-conditional by projection
 Koyama 2018), so that D judges "is this a real crack" and not only "is this a real image".
 A third lets each D_src head read how much its features vary over a few images of one kind
 (Karras et al. 2018), so that a generator that draws one shape at one place on every input
-scores worse than varied real defects.
+scores worse than varied real defects. A fourth gives D_src a trunk of its own, so that its
+features are learnt for telling real from fake alone and not shared with D_cls's categories.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Discriminator(nn.Module):
     its input features over each run of g consecutive images, averaged over channels, per
     position. Callers order a batch so that every run of g holds images of one kind (real
     defects, real normals, defacements or restorations); D_cls does not read it.
+    With `separate_src`, D_src's heads (and the projection) read a second trunk of the same shape,
+    `src_main`, and D_cls alone reads `main`.
     """
 
     def __init__(
@@ -52,17 +55,22 @@ class Discriminator(nn.Module):
         projection: bool = False,
         restored_output: bool = False,
         minibatch_std: int = 0,
+        separate_src: bool = False,
     ) -> None:
         super().__init__()
         self.minibatch_std = minibatch_std
         extra = 1 if minibatch_std else 0
         n_layers = n_layers or default_depth(image_size)
-        layers: list[nn.Module] = []
-        in_ch, out_ch = 3, conv_dim
-        for _ in range(n_layers):
-            layers += [DownConv(in_ch, out_ch), nn.LeakyReLU(0.01)]
-            in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
-        self.main = nn.Sequential(*layers)
+
+        def trunk() -> tuple[nn.Sequential, int]:
+            layers: list[nn.Module] = []
+            in_ch, out_ch = 3, conv_dim
+            for _ in range(n_layers):
+                layers += [DownConv(in_ch, out_ch), nn.LeakyReLU(0.01)]
+                in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
+            return nn.Sequential(*layers), in_ch
+
+        self.main, in_ch = trunk()
         final = image_size >> n_layers
         self.src = nn.Conv2d(in_ch + extra, 1, 3, padding=1, bias=False)  # PatchGAN head
         # One logit per category, and with `restored_output` one more: "a restoration by G".
@@ -75,6 +83,8 @@ class Discriminator(nn.Module):
                 raise ValueError(f"fine_src_layer must be in 1..{n_layers - 1}: {fine_src_layer}")
             fine_ch = min(conv_dim << (fine_src_layer - 1), max_dim)
             self.fine_src = nn.Conv2d(fine_ch + extra, 1, 3, padding=1, bias=False)
+        # Built last, so that every other weight starts as it does without the switch.
+        self.src_main = trunk()[0] if separate_src else None
 
     def with_group_std(self, h: Tensor) -> Tensor:
         """h and, as one more channel, the std of h over each run of `minibatch_std` images."""
@@ -92,13 +102,14 @@ class Discriminator(nn.Module):
         return torch.cat([h, std], dim=1)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        trunk = self.main if self.src_main is None else self.src_main
         if self.fine_src is None:
-            h = self.main(x)
+            h = trunk(x)
             src = self.src(self.with_group_std(h))
         else:
             split = 2 * self.fine_src_layer  # each layer is a conv and a LeakyReLU
-            early = self.main[:split](x)
-            h = self.main[split:](early)
+            early = trunk[:split](x)
+            h = trunk[split:](early)
             src = self.src(self.with_group_std(h))
             fine = self.fine_src(self.with_group_std(early))
             src = src + nn.functional.adaptive_avg_pool2d(fine, src.shape[2:])
@@ -106,4 +117,6 @@ class Discriminator(nn.Module):
             if labels is None:
                 raise ValueError("a projection discriminator needs the images' labels")
             src = src + (self.embed(labels.to(h.dtype))[:, :, None, None] * h).sum(1, keepdim=True)
+        if self.src_main is not None:
+            h = self.main(x)  # D_cls's own trunk
         return src, self.cls(h).flatten(1)
