@@ -286,6 +286,23 @@ def test_separate_src_gives_the_source_heads_a_trunk_that_d_cls_does_not_read(se
         torch.testing.assert_close(D.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_without_cls_discriminator_gives_the_same_patch_map_and_runs_no_d_cls_layer(separate):
+    """The gradient penalty reads D_src alone: D_cls's head, and its own trunk, stay unrun."""
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=2, separate_src=separate)
+    x = torch.randn(2, 3, 32, 32)
+    src, _ = D(x)
+    ran = []
+    D.cls.register_forward_hook(lambda *_: ran.append("cls"))
+    D.main[0].register_forward_hook(lambda *_: ran.append("main"))
+    src_only, cls = D(x, with_cls=False)
+    assert cls is None
+    torch.testing.assert_close(src_only, src)
+    # With a shared trunk D_src runs it; with its own, main is D_cls's alone and stays unrun.
+    assert ran == ([] if separate else ["main"])
+
+
 def test_without_fine_source_head_discriminator_is_the_papers():
     D = Discriminator(32, C, conv_dim=4, max_dim=16)
     assert D.fine_src is None

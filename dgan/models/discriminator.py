@@ -101,7 +101,10 @@ class Discriminator(nn.Module):
         std = std.repeat_interleave(g, dim=0).to(h.dtype)  # (b, 1, height, width)
         return torch.cat([h, std], dim=1)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, labels: Tensor | None = None, *, with_cls: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """D_src's patch map and D_cls's logits; D_cls is skipped (None) when not `with_cls`."""
         trunk = self.main if self.src_main is None else self.src_main
         if self.fine_src is None:
             h = trunk(x)
@@ -117,6 +120,8 @@ class Discriminator(nn.Module):
             if labels is None:
                 raise ValueError("a projection discriminator needs the images' labels")
             src = src + (self.embed(labels.to(h.dtype))[:, :, None, None] * h).sum(1, keepdim=True)
+        if not with_cls:
+            return src, None
         if self.src_main is not None:
             h = self.main(x)  # D_cls's own trunk
         return src, self.cls(h).flatten(1)

@@ -126,7 +126,7 @@ def d_step(
     num_classes = zeros.shape[1]
     cls, restored = cls[:, :num_classes], cls[:, num_classes:]  # restored: empty unless asked
     src_real, src_fake = src.float().chunk(2)
-    src_hat, _ = nets.D(x_hat, hat_labels)
+    src_hat, _ = nets.D(x_hat, hat_labels, with_cls=False)  # the penalty reads D_src only
     out_hat = src_hat.float().sum()
     if nets.inv_scale is not None:  # fp16: take the penalty's gradient on the scaled output
         out_hat = accelerator.scaler.scale(out_hat)
