@@ -119,6 +119,9 @@ class GanTrainConfig(Section):
     # the label there and "normal" elsewhere), so the spatial control of Fig. 6 is trained, not
     # only hoped for from constant maps. 0 is the paper's constant A.
     random_region_prob: float = Field(0.0, ge=0, le=1)
+    # The asked region's shape in training: the box, or the ellipse inscribed in it (no straight
+    # edge in A or in the outside-region term for G to copy into m). Boxes at inference either way.
+    region_shape: Literal["box", "ellipse"] = "box"
     ema: bool = True  # EMA of G for sampling and evaluation (StyleGAN practice)
     ema_beta: float = Field(0.999, ge=0, lt=1)
     ema_start: int = Field(0, ge=0)  # iterations before the EMA starts tracking (copies G)

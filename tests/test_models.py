@@ -212,6 +212,22 @@ def test_training_target_region_is_the_flagged_box_or_the_whole_image():
     assert torch.equal(where[1, 0], torch.ones(8, 8))  # not flagged: the paper's constant A
 
 
+def test_training_target_region_as_an_ellipse_is_the_box_without_its_corners():
+    from dgan.train.gan import target_region
+
+    region = torch.tensor([[1.0, 0.25, 0.25, 0.5, 0.5], [0.0, 0.25, 0.25, 0.5, 0.5]])
+    where = target_region(region, 8, 8, "ellipse")
+    expected = torch.zeros(8, 8)
+    expected[2:6, 2:6] = 1  # the box: rows and columns 2 to 5
+    for y, x in ((2, 2), (2, 5), (5, 2), (5, 5)):  # centres at (0.75, 0.75) radii from its centre
+        expected[y, x] = 0
+    assert torch.equal(where[0, 0], expected)
+    assert torch.equal(where[1, 0], torch.ones(8, 8))  # not flagged: the whole image either way
+    # A wide box: the ellipse spans its width on the middle rows and narrows above and below.
+    wide = target_region(torch.tensor([[1.0, 0.0, 0.25, 1.0, 0.5]]), 8, 8, "ellipse")[0, 0]
+    assert wide[3:5].sum(1).tolist() == [8, 8] and wide[2].sum() < 8 and wide[:2].sum() == 0
+
+
 def test_fine_source_head_adds_its_mean_to_the_wgan_critic_and_keeps_the_patch_map_shape():
     torch.manual_seed(0)
     D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1)

@@ -497,3 +497,38 @@ def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
         (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
     )
     assert weight == 0 or expected > 0
+
+
+@pytest.mark.parametrize("shape", ["box", "ellipse"])
+def test_training_region_shape_reaches_gs_control_map_and_the_outside_region_term(
+    shape, tiny_folder
+):
+    # train.region_shape: every asked region (random_region_prob=1) is the box, or the ellipse
+    # inscribed in it, both in A for the defacing pass and in the outside-region term.
+    from dgan.models.generator import control_map_from_labels
+    from dgan.train.gan import first_pass, g_step, target_region
+
+    config = tiny_gan_config(
+        tiny_folder,
+        "generator.ani=false",
+        "train.random_region_prob=1",
+        f"train.region_shape={shape}",
+    )
+    accelerator, batch, nets = one_batch_and_nets(config)
+    n, d, target = batch["normal"], batch["defect"], batch["target_labels"]
+    h, w = n.shape[2:]
+    where = target_region(batch["region"], h, w, shape)
+    box = target_region(batch["region"], h, w, "box")
+    assert (where <= box).all() and box.sum() < box.numel()  # every ask is boxed
+    if shape == "ellipse":
+        assert where.sum() < box.sum()  # the corners are cut
+    else:
+        assert torch.equal(where, box)
+    first = first_pass(nets, batch, config)
+    asked = [control_map_from_labels(target, h, w) * where, torch.zeros_like(target)]
+    with torch.no_grad():
+        expected = nets.G_raw(torch.cat([n, d]), asked)
+    torch.testing.assert_close(first.image.detach(), expected.image)
+    outside = losses.outside_region_loss(first.defect_mask[: n.shape[0]].detach(), where)
+    terms = g_step(nets, batch, config, accelerator, first)
+    torch.testing.assert_close(terms["g_outside"].detach(), outside)

@@ -51,19 +51,26 @@ class Nets:
 # ---------------------------------------------------------------------------------------------
 
 
-def target_region(region: Tensor, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) map of where defacement is asked: the sample's box if flagged, else all."""
+def target_region(region: Tensor, height: int, width: int, shape: str = "box") -> Tensor:
+    """(B, 1, H, W) map of where defacement is asked: the sample's box (or, with shape "ellipse",
+    the ellipse inscribed in it; pixel centres on its edge count as inside) if flagged, else all."""
     use, x0, y0, bw, bh = region.unbind(1)
     ys = (torch.arange(height, device=region.device) + 0.5) / height
     xs = (torch.arange(width, device=region.device) + 0.5) / width
-    in_y = (ys >= y0[:, None]) & (ys < (y0 + bh)[:, None])
-    in_x = (xs >= x0[:, None]) & (xs < (x0 + bw)[:, None])
-    box = (in_y[:, :, None] & in_x[:, None, :]).to(region.dtype)
-    return torch.where(use[:, None, None] > 0, box, torch.ones_like(box))[:, None]
+    if shape == "ellipse":
+        dy = (ys - (y0 + bh / 2)[:, None]) / (bh / 2)[:, None]
+        dx = (xs - (x0 + bw / 2)[:, None]) / (bw / 2)[:, None]
+        inside = dy[:, :, None] ** 2 + dx[:, None, :] ** 2 <= 1
+    else:
+        in_y = (ys >= y0[:, None]) & (ys < (y0 + bh)[:, None])
+        in_x = (xs >= x0[:, None]) & (xs < (x0 + bw)[:, None])
+        inside = in_y[:, :, None] & in_x[:, None, :]
+    area = inside.to(region.dtype)
+    return torch.where(use[:, None, None] > 0, area, torch.ones_like(area))[:, None]
 
 
 def first_stage_control(
-    batch: dict[str, Tensor], height: int, width: int, boxes: bool
+    batch: dict[str, Tensor], height: int, width: int, boxes: bool, shape: str = "box"
 ) -> list[Tensor]:
     """A for the first G pass over [n | d]: the target label (inside its region) for the
     normals, "normal" (0) for the defects.
@@ -75,7 +82,7 @@ def first_stage_control(
     target = batch["target_labels"]
     deface = target
     if boxes:
-        where = target_region(batch["region"], height, width)
+        where = target_region(batch["region"], height, width, shape)
         deface = control_map_from_labels(target, height, width) * where
     return [deface, torch.zeros_like(target)]
 
@@ -87,7 +94,9 @@ def uses_boxes(config: GanConfig) -> bool:
 def first_pass(nets: Nets, batch: dict[str, Tensor], config: GanConfig) -> GeneratorOutput:
     """G's first stage over [n | d]: [d' | n'], with the autograd graph that G's update needs."""
     n = batch["normal"]
-    control = first_stage_control(batch, n.shape[2], n.shape[3], uses_boxes(config))
+    control = first_stage_control(
+        batch, n.shape[2], n.shape[3], uses_boxes(config), config.train.region_shape
+    )
     return nets.G(torch.cat([n, batch["defect"]]), control)
 
 
@@ -106,7 +115,9 @@ def d_step(
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
     if first is None:
-        control = first_stage_control(batch, n.shape[2], n.shape[3], uses_boxes(config))
+        control = first_stage_control(
+            batch, n.shape[2], n.shape[3], uses_boxes(config), config.train.region_shape
+        )
         with torch.no_grad():  # D's update needs the fakes, not G's graph
             first = nets.G_raw(torch.cat([n, d]), control)
     b = n.shape[0]
@@ -183,7 +194,7 @@ def g_step(
     c_target, c_real = batch["target_labels"], batch["defect_labels"]
     zeros = torch.zeros_like(c_real)
     b = n.shape[0]
-    where = target_region(batch["region"], n.shape[2], n.shape[3])
+    where = target_region(batch["region"], n.shape[2], n.shape[3], config.train.region_shape)
     if first is None:
         first = first_pass(nets, batch, config)  # [d' | n']
     # [n^ | d^]; A as labels, i.e. repeated over space (training-time control map, Sec. 3.1).
