@@ -219,7 +219,7 @@ def test_training_target_region_as_an_ellipse_is_the_box_without_its_corners():
     where = target_region(region, 8, 8, "ellipse")
     expected = torch.zeros(8, 8)
     expected[2:6, 2:6] = 1  # the box: rows and columns 2 to 5
-    for y, x in ((2, 2), (2, 5), (5, 2), (5, 5)):  # centres at (0.75, 0.75) radii from its centre
+    for y, x in ((2, 2), (2, 5), (5, 2), (5, 5)):  # centres 0.75 radii off in x and in y: out
         expected[y, x] = 0
     assert torch.equal(where[0, 0], expected)
     assert torch.equal(where[1, 0], torch.ones(8, 8))  # not flagged: the whole image either way

@@ -70,19 +70,19 @@ def target_region(region: Tensor, height: int, width: int, shape: str = "box") -
 
 
 def first_stage_control(
-    batch: dict[str, Tensor], height: int, width: int, boxes: bool, shape: str = "box"
+    batch: dict[str, Tensor], height: int, width: int, config: GanConfig
 ) -> list[Tensor]:
     """A for the first G pass over [n | d]: the target label (inside its region) for the
     normals, "normal" (0) for the defects.
 
     Parts in G's cheap label form where A is constant over space: always for the defects, and
-    for the normals unless training asks for random target boxes (`boxes`, from the config: a
-    static choice, so no flag is read back from the device).
+    for the normals unless training asks for random target regions (`uses_boxes`, from the
+    config: a static choice, so no flag is read back from the device).
     """
     target = batch["target_labels"]
     deface = target
-    if boxes:
-        where = target_region(batch["region"], height, width, shape)
+    if uses_boxes(config):
+        where = target_region(batch["region"], height, width, config.train.region_shape)
         deface = control_map_from_labels(target, height, width) * where
     return [deface, torch.zeros_like(target)]
 
@@ -94,9 +94,7 @@ def uses_boxes(config: GanConfig) -> bool:
 def first_pass(nets: Nets, batch: dict[str, Tensor], config: GanConfig) -> GeneratorOutput:
     """G's first stage over [n | d]: [d' | n'], with the autograd graph that G's update needs."""
     n = batch["normal"]
-    control = first_stage_control(
-        batch, n.shape[2], n.shape[3], uses_boxes(config), config.train.region_shape
-    )
+    control = first_stage_control(batch, n.shape[2], n.shape[3], config)
     return nets.G(torch.cat([n, batch["defect"]]), control)
 
 
@@ -115,9 +113,7 @@ def d_step(
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
     if first is None:
-        control = first_stage_control(
-            batch, n.shape[2], n.shape[3], uses_boxes(config), config.train.region_shape
-        )
+        control = first_stage_control(batch, n.shape[2], n.shape[3], config)
         with torch.no_grad():  # D's update needs the fakes, not G's graph
             first = nets.G_raw(torch.cat([n, d]), control)
     b = n.shape[0]
