@@ -27,8 +27,21 @@ def test_two_process_run_equals_one_process_run_of_the_same_global_batch(tiny_fo
     assert_same_training_state(single / step, double / step)
 
 
+# The CLI's Typer app, run under torchrun in each process; afterwards each process says whether
+# its process group is still open (left open, gloo can abort the process at exit).
+CLI_THEN_GROUP = """
+import os, sys
+import torch.distributed as dist
+from cli import app
+app(sys.argv[1:], standalone_mode=False)
+print(f"rank {os.environ['RANK']}: process group open after the job: {dist.is_initialized()}")
+"""
+
+
 @pytest.mark.slow
-def test_cli_under_torchrun_runs_one_job_across_two_processes(tiny_folder, workdir):
+def test_cli_under_torchrun_runs_one_job_across_two_processes_and_closes_its_process_group(
+    tiny_folder, workdir
+):
     import os
     import subprocess
     import sys
@@ -39,20 +52,15 @@ def test_cli_under_torchrun_runs_one_job_across_two_processes(tiny_folder, workd
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
     sets = [f"--set={s}" for s in (*TINY_GAN, "train.iterations=4")]
+    script = workdir / "cli_then_group.py"
+    script.write_text(CLI_THEN_GROUP)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     from dgan.run.launch import free_port
 
     cmd += [
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "cli",
-        "train",
-        "gan",
-        "--data",
-        str(tiny_folder),
-        "--quiet",
-    ]
+        "--master_port", str(free_port()), str(script),
+        "train", "gan", "--data", str(tiny_folder), "--quiet",
+    ]  # fmt: skip
     result = subprocess.run([*cmd, *sets], cwd=workdir, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((workdir / "runs" / "gan").iterdir())
@@ -61,3 +69,33 @@ def test_cli_under_torchrun_runs_one_job_across_two_processes(tiny_folder, workd
     final = runs[0] / "checkpoints" / "iter-00000004"
     assert {p.name for p in final.iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
     assert ckpt.read_status(runs[0])["state"] == "finished"
+    for rank in (0, 1):
+        assert f"rank {rank}: process group open after the job: False" in result.stdout
+
+
+def test_process_group_closed_destroys_an_open_group_when_the_block_returns_or_raises():
+    import torch.distributed as dist
+
+    from dgan.errors import DganError
+    from dgan.run.launch import free_port, process_group_closed
+
+    def open_group():
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
+        assert dist.is_initialized()
+
+    try:
+        with process_group_closed():
+            open_group()
+        assert not dist.is_initialized()
+        with pytest.raises(DganError, match="bad"), process_group_closed():
+            open_group()
+            raise DganError("bad")
+        assert not dist.is_initialized()
+        with process_group_closed():  # no group open: nothing to do
+            pass
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -21,7 +21,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +69,23 @@ def make_accelerator(kind: str, mixed_precision: str, expected_processes: int | 
             "--nproc_per_node N."
         )
     return accelerator
+
+
+@contextmanager
+def process_group_closed() -> Iterator[None]:
+    """Destroy the default process group, if one is open, when the block ends or raises.
+
+    Every process of a multi-process job runs its job inside this. A gloo group left open at
+    exit can abort the process (SIGABRT, "terminate called without an active exception") as
+    the interpreter tears down while gloo's threads still hold work. A group that another
+    framework opened and owns (Ray Train's) is not run inside this.
+    """
+    try:
+        yield
+    finally:
+        dist = sys.modules.get("torch.distributed")  # no group can be open if it was never used
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main_only(events: Events, accelerator) -> Events:
@@ -180,15 +198,17 @@ def launch_training(
         return prepare_run(job_type, config, resume, run_name, check_data, tags, events)
 
     if under_launcher():
-        accelerator = make_accelerator(
-            job_type.kind, config.train.mixed_precision, int(os.environ["WORLD_SIZE"])
-        )
-        config, run_dir, resume_path = prepare_on_main(accelerator, prepare)
-        events = main_only(events, accelerator)
-        job = job_type(config, accelerator, events)
-        return run_training(
-            job, run_dir, accelerator, events, resume_path, callback, stop_at, schedule_changes
-        )
+        with process_group_closed():
+            accelerator = make_accelerator(
+                job_type.kind, config.train.mixed_precision, int(os.environ["WORLD_SIZE"])
+            )
+            config, run_dir, resume_path = prepare_on_main(accelerator, prepare)
+            events = main_only(events, accelerator)
+            job = job_type(config, accelerator, events)
+            return run_training(
+                job, run_dir, accelerator, events, resume_path, callback, stop_at,
+                schedule_changes,
+            )  # fmt: skip
     config, run_dir, resume_path = prepare()
     if gpus == 1:
         accelerator = make_accelerator(job_type.kind, config.train.mixed_precision, None)
@@ -258,7 +278,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(JOBS[args.job][0])
     events = ConsoleEvents(args.quiet)
     try:
-        module.worker(args.run_dir, args.expected_processes, events, args.resume, args.stop_at)
+        with process_group_closed():
+            module.worker(args.run_dir, args.expected_processes, events, args.resume, args.stop_at)
     except DganError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
