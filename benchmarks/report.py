@@ -130,7 +130,7 @@ class Report:
         overrides = [f"data.root={json.dumps(str(root))}", f"data.synthetic={json.dumps(sets)}",
                      f"model.grl={str(grl).lower()}", f"train.seed={seed}",
                      f"log.run_root={json.dumps(str(self.work / 'runs'))}",
-                     f"log.tracking_uri={json.dumps(self.uri)}"]  # fmt: skip
+                     f"log.tracking_uri={json.dumps(self.uri)}", "log.log_model=false"]  # fmt: skip
         if self.a.epochs:
             overrides.append(f"train.epochs={self.a.epochs}")
         cfg = load_config("inspector", ["demo"], overrides)
@@ -143,7 +143,7 @@ class Report:
         overrides = [f"data.root={json.dumps(str(root))}", f"train.seed={seed}",
                      f"log.run_root={json.dumps(str(self.work / 'runs'))}",
                      f"log.tracking_uri={json.dumps(self.uri)}", "log.registered_model=null",
-                     "eval.realism=false"]  # fmt: skip
+                     "log.log_model=false", "eval.realism=false"]  # fmt: skip
         if self.a.iterations:
             overrides.append(f"train.iterations={self.a.iterations}")
         cfg = load_config("gan", ["demo", f"table2/{row}"], overrides)
@@ -153,8 +153,11 @@ class Report:
         from dgan.evaluation.fid_report import evaluate_fid
         from dgan.evaluation.synth_report import evaluate_synthesis
         from dgan.events import Events
+        from dgan.metrics.realism import STEPS
 
-        report = evaluate_synthesis(run_dir, root, judge, self.a.eval_n, tracking_uri=self.uri)
+        steps = self.a.realism_steps or STEPS
+        report = evaluate_synthesis(run_dir, root, judge, self.a.eval_n, tracking_uri=self.uri,
+                                    realism_steps=steps)  # fmt: skip
         figures = report.to_dict()["figures"]["train"]
         fid = evaluate_fid(root, run_dir, self.a.eval_n, inspector=judge, tracking_uri=self.uri,
                            cache_dir=self.work / "fid-cache", events=Events())  # fmt: skip
@@ -477,6 +480,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="inspector epochs")
     parser.add_argument("--n", type=int, default=1000, help="synthesized defects per set")
     parser.add_argument("--eval-n", type=int, default=None)
+    parser.add_argument("--realism-steps", type=int, default=None, metavar="N",
+                        help="the realism test's classifier steps (default: the full test's "
+                             "300; fewer for a quick look)")  # fmt: skip
     parser.add_argument("--n-normal", type=int, default=2000)
     parser.add_argument("--n-defect", type=int, default=1000)
     parser.add_argument(
@@ -512,6 +518,8 @@ def main() -> None:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown or args.seeds < 1:
         parser.error(f"rows must be among {', '.join(ROWS)} and --seeds at least 1")
+    if args.realism_steps is not None and args.realism_steps < 1:
+        parser.error("--realism-steps must be at least 1")
     if args.tune_trials < 0 or args.settle < 0:
         parser.error("--tune-trials and --settle must be 0 or more (0: no search, no wait)")
     Report(args).run()

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_the_report_writes_its_tables_search_and_speed_and_a_rerun_trains_nothing(tmp_path):
     out = tmp_path / "report"
-    args = "--iterations 4 --seeds 1 --epochs 1 --n 8 --eval-n 8 --n-normal 120 --n-defect 60"
+    args = "--iterations 4 --seeds 1 --epochs 1 --n 8 --eval-n 8 --realism-steps 2 --n-normal 120"
+    args += " --n-defect 60"
     study = ["gan.train.iterations=2", "gan.log.eval_every=2", "gan.log.sample_every=2",
              "gan.log.log_every=2", "grace_iterations=2", "gan.eval.n=4",
              "gan.eval.realism_n=8", "gan.eval.realism_steps=2"]  # fmt: skip
@@ -60,6 +61,7 @@ def test_the_report_writes_its_tables_search_and_speed_and_a_rerun_trains_nothin
         (["--rows", "stargan,bogus"], "rows must be among stargan, scc"),
         (["--tune-trials", "-1"], "--tune-trials and --settle must be 0 or more"),
         (["--speed", "fast"], "invalid choice: 'fast'"),
+        (["--realism-steps", "0"], "--realism-steps must be at least 1"),
     ],
 )
 def test_bad_report_arguments_exit_2_with_the_reason_and_no_traceback(args, message, tmp_path):

@@ -14,6 +14,7 @@ from dgan.evaluation.inputs import has_transfer, make_eval_set, require_split
 from dgan.evaluation.judges import open_judges
 from dgan.evaluation.measure import default_device, measure, summarize
 from dgan.evaluation.realism import make_realism_inputs, realism_figures, realism_floors
+from dgan.metrics.realism import STEPS
 
 SYNTH_DEFAULT_N = 500  # enough inputs for the synthesis figures' means
 REALISM_CACHE = Path("runs/.cache/realism")  # the floors; training uses RUN_ROOT/.cache/realism
@@ -114,10 +115,12 @@ def evaluate_synthesis(
     tracking_uri: str | None = None,
     realism: bool = True,
     cache_dir: Path = REALISM_CACHE,
+    realism_steps: int = STEPS,
 ) -> SynthReport:
     """Realism, category control, background preservation, spatial control and diversity of G on
     the split's normals, and on the held-out surface family (split "transfer") when there is one.
-    `realism=False` skips the realism test (about 20 s a split at 32 px on 2 CPU cores)."""
+    `realism=False` skips the realism test (about 20 s a split at 32 px on 2 CPU cores);
+    `realism_steps` trains its classifier for fewer steps than the full test's (a quick look)."""
     from dgan.tracking.source import load_generator_from, resolve_model
 
     if n is not None and n < 1:
@@ -140,7 +143,9 @@ def evaluate_synthesis(
         figures[name] = summarize(rows, eval_set, classes, judges, {}, seed)
         counts[name] = eval_set.n
         if realism:
-            inputs = make_realism_inputs(index, name, columns, classes, size, seed)
+            inputs = make_realism_inputs(
+                index, name, columns, classes, size, seed, steps=realism_steps
+            )
             figures[name] |= realism_floors(inputs, seed, cache_dir)
             figures[name] |= realism_figures(
                 G, inputs, seed, batch_size, device, judges.inspector, judges.inspector_columns
