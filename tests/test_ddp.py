@@ -27,19 +27,29 @@ def test_two_process_run_equals_one_process_run_of_the_same_global_batch(tiny_fo
     assert_same_training_state(single / step, double / step)
 
 
-# The CLI's Typer app, run under torchrun in each process; afterwards each process says whether
-# its process group is still open (left open, gloo can abort the process at exit).
-CLI_THEN_GROUP = """
-import os, sys
-import torch.distributed as dist
+# The CLI's Typer app run twice in each process under torchrun: one process can run several
+# jobs. The handler registered first runs last at exit: it says whether the process group is
+# still open after dgan's own exit handler (left open, gloo can abort the process at exit).
+CLI_TWICE = """
+import atexit, os, sys
+
+
+def report():
+    import torch.distributed as dist
+
+    print(f"rank {os.environ['RANK']}: process group open at exit: {dist.is_initialized()}")
+
+
+atexit.register(report)
 from cli import app
-app(sys.argv[1:], standalone_mode=False)
-print(f"rank {os.environ['RANK']}: process group open after the job: {dist.is_initialized()}")
+
+for _ in range(2):
+    app(sys.argv[1:], standalone_mode=False)
 """
 
 
 @pytest.mark.slow
-def test_cli_under_torchrun_runs_one_job_across_two_processes_and_closes_its_process_group(
+def test_cli_under_torchrun_runs_jobs_across_two_processes_and_closes_its_process_group_at_exit(
     tiny_folder, workdir
 ):
     import os
@@ -52,8 +62,8 @@ def test_cli_under_torchrun_runs_one_job_across_two_processes_and_closes_its_pro
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
     sets = [f"--set={s}" for s in (*TINY_GAN, "train.iterations=4")]
-    script = workdir / "cli_then_group.py"
-    script.write_text(CLI_THEN_GROUP)
+    script = workdir / "cli_twice.py"
+    script.write_text(CLI_TWICE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     from dgan.run.launch import free_port
 
@@ -63,38 +73,30 @@ def test_cli_under_torchrun_runs_one_job_across_two_processes_and_closes_its_pro
     ]  # fmt: skip
     result = subprocess.run([*cmd, *sets], cwd=workdir, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((workdir / "runs" / "gan").iterdir())
-    assert len(runs) == 1  # the main process made the run directory, the other joined it
-    assert result.stdout.count("run directory:") == 1
-    final = runs[0] / "checkpoints" / "iter-00000004"
-    assert {p.name for p in final.iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
-    assert ckpt.read_status(runs[0])["state"] == "finished"
+    runs = sorted((workdir / "runs" / "gan").iterdir())
+    assert len(runs) == 2  # each time, the main process made the run directory, the other joined
+    assert result.stdout.count("run directory:") == 2
+    for run in runs:
+        final = run / "checkpoints" / "iter-00000004"
+        assert {p.name for p in final.iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
+        assert ckpt.read_status(run)["state"] == "finished"
     for rank in (0, 1):
-        assert f"rank {rank}: process group open after the job: False" in result.stdout
+        assert f"rank {rank}: process group open at exit: False" in result.stdout
 
 
-def test_process_group_closed_destroys_an_open_group_when_the_block_returns_or_raises():
+def test_close_process_group_destroys_an_open_group_and_does_nothing_without_one():
     import torch.distributed as dist
 
-    from dgan.errors import DganError
-    from dgan.run.launch import free_port, process_group_closed
+    from dgan.run.launch import close_process_group, free_port
 
-    def open_group():
+    try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
         assert dist.is_initialized()
-
-    try:
-        with process_group_closed():
-            open_group()
+        close_process_group()
         assert not dist.is_initialized()
-        with pytest.raises(DganError, match="bad"), process_group_closed():
-            open_group()
-            raise DganError("bad")
-        assert not dist.is_initialized()
-        with process_group_closed():  # no group open: nothing to do
-            pass
+        close_process_group()  # none open: nothing to do
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

@@ -16,13 +16,13 @@ The jobs: "gan" (dgan.train.gan), "inspector" (dgan.train.inspector), "synth" (d
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,24 +68,21 @@ def make_accelerator(kind: str, mixed_precision: str, expected_processes: int | 
             "--gpus N' (it sets ACCELERATE_USE_CPU=1 and --multi_gpu), or torchrun "
             "--nproc_per_node N."
         )
+    if accelerator.num_processes > 1:
+        atexit.unregister(close_process_group)  # once, however many jobs this process runs
+        atexit.register(close_process_group)
     return accelerator
 
 
-@contextmanager
-def process_group_closed() -> Iterator[None]:
-    """Destroy the default process group, if one is open, when the block ends or raises.
-
-    Every process of a multi-process job runs its job inside this. A gloo group left open at
-    exit can abort the process (SIGABRT, "terminate called without an active exception") as
-    the interpreter tears down while gloo's threads still hold work. A group that another
-    framework opened and owns (Ray Train's) is not run inside this.
-    """
-    try:
-        yield
-    finally:
-        dist = sys.modules.get("torch.distributed")  # no group can be open if it was never used
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+def close_process_group() -> None:
+    """Destroy the default process group if one is open. Each process of a multi-process job
+    runs this at exit (make_accelerator registers it): a gloo group left open can abort the
+    process (SIGABRT, "terminate called without an active exception") while the interpreter
+    tears down and gloo's threads still hold work. The group stays open between jobs, so one
+    process can run several."""
+    dist = sys.modules.get("torch.distributed")  # no group is open if it was never imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main_only(events: Events, accelerator) -> Events:
@@ -198,17 +195,15 @@ def launch_training(
         return prepare_run(job_type, config, resume, run_name, check_data, tags, events)
 
     if under_launcher():
-        with process_group_closed():
-            accelerator = make_accelerator(
-                job_type.kind, config.train.mixed_precision, int(os.environ["WORLD_SIZE"])
-            )
-            config, run_dir, resume_path = prepare_on_main(accelerator, prepare)
-            events = main_only(events, accelerator)
-            job = job_type(config, accelerator, events)
-            return run_training(
-                job, run_dir, accelerator, events, resume_path, callback, stop_at,
-                schedule_changes,
-            )  # fmt: skip
+        accelerator = make_accelerator(
+            job_type.kind, config.train.mixed_precision, int(os.environ["WORLD_SIZE"])
+        )
+        config, run_dir, resume_path = prepare_on_main(accelerator, prepare)
+        events = main_only(events, accelerator)
+        job = job_type(config, accelerator, events)
+        return run_training(
+            job, run_dir, accelerator, events, resume_path, callback, stop_at, schedule_changes
+        )
     config, run_dir, resume_path = prepare()
     if gpus == 1:
         accelerator = make_accelerator(job_type.kind, config.train.mixed_precision, None)
@@ -278,8 +273,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(JOBS[args.job][0])
     events = ConsoleEvents(args.quiet)
     try:
-        with process_group_closed():
-            module.worker(args.run_dir, args.expected_processes, events, args.resume, args.stop_at)
+        module.worker(args.run_dir, args.expected_processes, events, args.resume, args.stop_at)
     except DganError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -31,7 +31,6 @@ from dgan.run.launch import (
     main_only,
     make_accelerator,
     prepare_on_main,
-    process_group_closed,
     spawn_workers,
     under_launcher,
 )
@@ -435,9 +434,8 @@ def run_synth(
         raise DganError(f"--gpus must be at least 1, got {gpus}", exit_code=2)
     events = events or ConsoleEvents(quiet)
     if under_launcher():  # started by torchrun / accelerate launch
-        with process_group_closed():
-            accelerator = make_accelerator("synth", "no", int(os.environ["WORLD_SIZE"]))
-            return synthesize(config, accelerator, main_only(events, accelerator))
+        accelerator = make_accelerator("synth", "no", int(os.environ["WORLD_SIZE"]))
+        return synthesize(config, accelerator, main_only(events, accelerator))
     if gpus == 1:
         return synthesize(config, make_accelerator("synth", "no", None), events)
     job = prepare_job(config)  # every input checked before any worker starts
