@@ -46,6 +46,11 @@ class GeneratorConfig(Section):
     # Beyond the paper: residual blocks at full resolution after the last upsampling (SPADE when
     # scc is on). 0 is the paper's decoder: one conv at full resolution before the heads.
     fine_blocks: int = Field(0, ge=0, le=8)
+    # Beyond the paper: where A starts to enter G through SPADE. "decoder" is the paper's (every
+    # block of the decoder part: the second half of the bottleneck on). "bottleneck" makes every
+    # bottleneck block's norms SPADE, so that the category can shape a defect's layout before
+    # the decoder paints it.
+    spade_from: Literal["decoder", "bottleneck"] = "decoder"
     # Beyond the paper: "offset" paints the foreground f as an offset of the input in tanh space,
     # f = tanh(atanh(x) + h), so that f starts as the surface itself and a change of colour or
     # texture is learned, not painted from a flat colour. "image" is the paper's f = tanh(h).

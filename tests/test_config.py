@@ -81,6 +81,7 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("data.image_size=96", "must be a power of two"),
         ("generator.chroma_stride=0", "generator.chroma_stride: Input should be greater than"),
         ("discriminator.augment=cutout", "discriminator.augment: Input should be"),
+        ("generator.spade_from=encoder", "Input should be 'decoder' or 'bottleneck'"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

@@ -112,6 +112,34 @@ def test_scc_feeds_the_control_map_through_spade_in_the_decoder_only():
     assert not torch.allclose(G(x, a0).image, G(x, a1).image)
 
 
+@pytest.mark.parametrize(("spade_from", "controlled"), [("decoder", [False, True]),
+                                                       ("bottleneck", [True, True])])  # fmt: skip
+def test_spade_from_sets_which_bottleneck_blocks_the_control_map_steers(spade_from, controlled):
+    G = tiny(ani=False, spade_from=spade_from)  # 2 bottleneck blocks: 1 encodes, 1 decodes
+    steered = [b.norm1.spade is not None and b.norm2.spade is not None for b in G.bottleneck]
+    assert steered == controlled
+    assert all(
+        b.norm1.norm is not None for b, s in zip(G.bottleneck, steered, strict=True) if not s
+    )
+    assert G.encoder[0]["conv"].in_channels == 3  # A still enters through SPADE only
+    # A's effect reaches the output through the first block alone when it is steered
+    x = torch.rand(1, 3, 16, 16)
+    a0, a1 = torch.zeros(1, C, 16, 16), torch.zeros(1, C, 16, 16)
+    a1[:, 0] = 1
+    first = G.bottleneck[0]
+    with torch.no_grad():
+        for m in G.modules():
+            if isinstance(m, SPADE):
+                m.gamma.weight.zero_()  # every SPADE blind to A (and to the bias below) ...
+                m.gamma.bias.zero_()
+                m.beta.weight.zero_()
+                m.beta.bias.zero_()
+        if first.norm1.spade is not None:
+            first.norm1.spade.gamma.weight.normal_()  # ... but the first block's
+    changed = not torch.allclose(G(x, a0).image, G(x, a1).image)
+    assert changed == (spade_from == "bottleneck")
+
+
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (28, 44), (20, 24), (16, 16)])
 @pytest.mark.parametrize("stargan", [False, True])
 def test_labels_as_control_equal_their_map_repeated_over_space_through_the_backward(

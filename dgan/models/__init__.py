@@ -26,6 +26,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         lwc=g.lwc,
         upsample=g.upsample,
         fine_blocks=g.fine_blocks,
+        spade_from=g.spade_from,
         foreground=g.foreground,
         chroma_stride=g.chroma_stride,
     )

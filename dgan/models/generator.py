@@ -181,6 +181,7 @@ class Generator(nn.Module):
         lwc: bool = True,
         upsample: str = "transpose",
         fine_blocks: int = 0,
+        spade_from: str = "decoder",
         foreground: str = "image",
         chroma_stride: int = 1,
     ) -> None:
@@ -200,8 +201,9 @@ class Generator(nn.Module):
                 conv_block(nn.Conv2d(2 * d, 4 * d, 4, stride=2, padding=1, bias=False), 4 * d),
             ]
         )
-        # The first half of the bottleneck encodes; the second half decodes under A's control.
-        n_enc = repeat_num - repeat_num // 2
+        # The first half of the bottleneck encodes; the second half decodes under A's control
+        # (the paper). With spade_from="bottleneck", A controls every bottleneck block.
+        n_enc = repeat_num - repeat_num // 2 if spade_from == "decoder" else 0
         self.bottleneck = nn.ModuleList(
             ResidualBlock(4 * d, c, spade_hidden, spade=scc and i >= n_enc)
             for i in range(repeat_num)
