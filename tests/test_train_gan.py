@@ -151,6 +151,30 @@ def test_incompatible_checkpoint_is_refused_naming_the_differing_keys(tiny_folde
         run_gan(other, resume=str(first), quiet=True)
 
 
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_while_the_key_is_at_its_default(
+    tiny_folder, workdir
+):
+    import json
+
+    import torch
+
+    first = run_gan(tiny_gan_config(tiny_folder, "train.iterations=5"), quiet=True).run_dir
+    # Make the checkpoint as a dgan without generator.spade_from would have written it.
+    path = first / "checkpoints" / "iter-00000005" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    saved = json.loads(state["config_json"])
+    assert saved.pop("generator.spade_from") == "decoder"
+    state["config_json"] = json.dumps(saved)
+    state["config_hash"] = "from-an-older-dgan"
+    torch.save(state, path)
+    steered = tiny_gan_config(tiny_folder, "train.iterations=6", "generator.spade_from=bottleneck")
+    with pytest.raises(DganError, match=r"generator.spade_from: checkpoint None, now 'bottleneck'"):
+        run_gan(steered, resume=str(first), quiet=True)
+    longer = tiny_gan_config(tiny_folder, "train.iterations=6")
+    result = run_gan(longer, resume=str(first), quiet=True)
+    assert result.state == "finished" and result.step == 6
+
+
 def test_resume_path_that_is_not_a_checkpoint_is_refused(tiny_folder, workdir):
     (workdir / "junk").mkdir()
     with pytest.raises(DganError, match="not a checkpoint"):

@@ -218,15 +218,25 @@ def check_compatible(
     relaxed: tuple[str, ...] = (),
 ) -> None:
     """Refuse a checkpoint from another config (but the prefixes `keys`, and the exact keys
-    `relaxed`, which a scheduler changed on purpose) or another class list."""
+    `relaxed`, which a scheduler changed on purpose) or another class list.
+
+    A key that the checkpoint predates (absent from its config) counts as the same when it is at
+    its default now: every new key's default keeps what dgan did before it existed."""
     if state.get("config_hash") != config_hash(config, keys):
         saved, now = json.loads(state.get("config_json", "{}")), flatten(config)
+        defaults = flatten(type(config)())
+
+        def differs(k: str) -> bool:
+            if k not in saved and k in defaults:
+                return now.get(k) != defaults[k]
+            return saved.get(k) != now.get(k)
+
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
             for k in sorted(set(saved) | set(now))
-            if not k.startswith(keys) and k not in relaxed and saved.get(k) != now.get(k)
+            if not k.startswith(keys) and k not in relaxed and differs(k)
         ]
-        if relaxed and saved and not diffs:  # only the scheduler's keys differ
+        if saved and not diffs:  # only a scheduler's keys, or keys the checkpoint predates
             return
         raise DganError(
             f"checkpoint {where} comes from an incompatible config:\n  "
