@@ -95,6 +95,7 @@ class Report:
         self.state_path = self.work / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.load_before = os.getloadavg()[0]  # others' work: this invocation has done none
+        self.worked = False  # whether this invocation computed any result (a rerun may not)
 
     def save(self) -> None:
         from dgan.io import atomic_write_text
@@ -105,6 +106,7 @@ class Report:
         """A result kept in the state file: a rerun continues where the last one stopped."""
         if key not in self.state:
             self.state[key] = make()
+            self.worked = True
             self.save()
         return self.state[key]
 
@@ -213,6 +215,7 @@ class Report:
             self.once("search", lambda: self.search(root))
             if self.a.screenshot and "search/screenshot" not in self.state:
                 self.state["search/screenshot"] = self.screenshot()
+                self.worked = True
                 self.save()
         sizes = SPEED_ARGS.get(self.a.speed, (None,) * len(BENCHMARKS))  # none: all skipped
         for (_, script), args in zip(BENCHMARKS, sizes, strict=True):
@@ -220,10 +223,11 @@ class Report:
                 continue
             if f"speed/{script}" not in self.state or self.state[f"speed/{script}"]["rc"]:
                 self.state[f"speed/{script}"] = self.benchmark(script, args, root)
+                self.worked = True
                 self.save()
         seconds = time.monotonic() - t0
         self.state["seconds"] = self.state.get("seconds", 0) + seconds
-        if seconds > 60:  # this invocation did work (a rerun that only writes does not count)
+        if self.worked:  # a rerun that only writes the report is not one of its makers
             self.state.setdefault("invocations", []).append({
                 "args": " ".join(sys.argv[1:]), "minutes": round(seconds / 60, 1),
                 "load_before": round(self.load_before, 2),
