@@ -150,6 +150,16 @@ class GanLossConfig(Section):
     # Beyond the paper: D_cls also learns that restorations n' still show the defect they came
     # from (0 by default).
     lambda_cls_restored_d: float = Field(0.0, ge=0)
+    # Beyond the paper: where L_rec (Eq. 8) compares an input with its cycle reconstruction.
+    # "image": everywhere (the paper). "outside_mask": each pixel weighted by 1 - m of the first
+    # pass, so that what a layer painted over need not be recovered, and m is not rewarded for
+    # letting the surface show through a defect (or a defect through a restoration).
+    rec_region: Literal["image", "outside_mask"] = "image"
+    # Beyond the paper: diversity-sensitive term (Yang et al. 2019): two noise draws of the same
+    # defacement should paint different maps m, their mean |m1 - m2| rewarded up to
+    # diversity_cap (0 by default: the paper's ANI has no such term).
+    lambda_diversity: float = Field(0.0, ge=0)
+    diversity_cap: float = Field(0.05, gt=0, le=1)
 
 
 class LogConfig(Section):

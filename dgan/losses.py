@@ -70,9 +70,13 @@ def restored_output_loss_d(normal_logits: Tensor, restored_logits: Tensor) -> Te
     return (real + fake) / 2
 
 
-def reconstruction_loss(x: Tensor, x_reconstructed: Tensor) -> Tensor:
-    """L_rec, Eq. 8: mean L1 between an input and its cycle reconstruction (n vs n^, d vs d^)."""
-    return (x - x_reconstructed).abs().mean()
+def reconstruction_loss(x: Tensor, x_reconstructed: Tensor, weight: Tensor | None = None) -> Tensor:
+    """L_rec, Eq. 8: mean L1 between an input and its cycle reconstruction (n vs n^, d vs d^).
+
+    Beyond the paper, `weight` (B, 1, H, W) scales each pixel's error before the mean (the trainer
+    passes 1 - m of the first pass, detached, with loss.rec_region=outside_mask)."""
+    error = (x - x_reconstructed).abs()
+    return (error if weight is None else error * weight).mean()
 
 
 def sd_cycle_loss(defect_mask: Tensor, repaint_mask: Tensor) -> Tensor:
@@ -95,6 +99,17 @@ def binary_mask_loss(defect_mask: Tensor) -> Tensor:
     """Beyond the paper: mean m(1 - m), zero where m is 0 or 1 and largest at 0.5. Eq. 2 and 4
     then compose each pixel from one layer, the surface or the foreground, not from a blend."""
     return (defect_mask * (1 - defect_mask)).mean()
+
+
+def diversity_loss(defect_mask: Tensor, redrawn_mask: Tensor, cap: float) -> Tensor:
+    """Beyond the paper: the diversity-sensitive term of Yang et al. (ICLR 2019), -min(|m1 - m2|,
+    tau), on two maps that G paints for the same input and A with two draws of ANI's noise. Each
+    image's mean |m1 - m2| counts up to the cap tau, so the term asks for a new defect shape per
+    draw without rewarding noise for its own sake. Every noise map is N(0, 1), so the distance
+    between the draws, which the paper's ratio divides by, is the same for each image and left
+    out."""
+    distance = (defect_mask - redrawn_mask).abs().flatten(1).mean(dim=1)
+    return -distance.clamp(max=cap).mean()
 
 
 def interpolate(real: Tensor, fake: Tensor, alpha: Tensor) -> Tensor:

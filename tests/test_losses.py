@@ -46,6 +46,13 @@ def test_reconstruction_loss_is_mean_absolute_error():
     assert losses.reconstruction_loss(x, y).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
 
 
+def test_reconstruction_loss_weighs_each_pixels_error_when_given_weights():
+    x = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
+    y = torch.tensor([[[[0.0, -1.0], [0.0, 1.0]]]])
+    weight = torch.tensor([[[[0.5, 1.0], [0.0, 1.0]]]])
+    assert losses.reconstruction_loss(x, y, weight).item() == pytest.approx((0.5 + 0 + 0 + 1) / 4)
+
+
 def test_sd_cycle_loss_compares_defect_map_with_repaint_map():
     m_d = torch.tensor([0.2, 0.8, 0.0, 1.0])
     m_rep = torch.tensor([0.2, 0.4, 0.5, 1.0])
@@ -72,6 +79,21 @@ def test_binary_mask_loss_is_zero_at_either_layer_and_pushes_a_blend_to_the_near
     losses.binary_mask_loss(m).backward()
     # descending the loss moves 0.3 down towards the surface and 0.8 up towards f
     assert m.grad[0].item() > 0 > m.grad[1].item()
+
+
+def test_diversity_loss_rewards_each_images_map_distance_up_to_the_cap():
+    m1 = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]], [[[0.2, 0.2], [0.2, 0.2]]]])
+    m2 = torch.tensor([[[[0.0, 0.0], [0.5, 0.5]]], [[[0.2, 0.2], [0.2, 0.3]]]])
+    # per image: mean |m1 - m2| = 0.25 and 0.025; capped at 0.1: 0.1 and 0.025
+    assert losses.diversity_loss(m1, m2, cap=0.1).item() == pytest.approx(-(0.1 + 0.025) / 2)
+    assert losses.diversity_loss(m1, m2, cap=1.0).item() == pytest.approx(-(0.25 + 0.025) / 2)
+    assert losses.diversity_loss(m1, m1.clone(), cap=0.1).item() == 0.0
+    a = m1.clone().requires_grad_(True)
+    losses.diversity_loss(a, m2, cap=0.1).backward()
+    # the first image is past the cap: no gradient. In the second, descending the loss moves the
+    # differing pixel (0.2 against 0.3) down, away from the other draw; equal pixels get nothing.
+    assert a.grad[0].abs().sum().item() == 0.0
+    assert a.grad[1, 0, 1, 1].item() > 0 and a.grad[1, 0, 0, 0].item() == 0.0
 
 
 def test_interpolate_mixes_real_and_fake_by_alpha():

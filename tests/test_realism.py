@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgan.metrics.realism import halves_test, two_sample_test
+from dgan.metrics.realism import halves_test, realism_by_cue, two_sample_test
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,32 @@ def test_log_loss_of_two_halves_of_one_set_never_falls_well_below_chance(surface
         result = halves_test(surfaces, seed=seed, steps=150)
         assert result.log_loss > 0.693 - 0.15, (seed, result)
         assert abs(result.auc - 0.5) < 0.15, (seed, result)
+
+
+def tinted(images: torch.Tensor) -> torch.Tensor:
+    """Redder and less blue by the same amount: another colour, the same grey."""
+    out = images.int()
+    out[:, 0] += 30
+    out[:, 2] -= 30
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def speckled(images: torch.Tensor) -> torch.Tensor:
+    """A 1 px checkerboard of +-30 in every channel: detail that a 4 px blur averages away."""
+    sign = torch.ones(images.shape[2:], dtype=torch.int32)
+    sign[::2, 1::2] = sign[1::2, ::2] = -1
+    return (images.int() + 30 * sign).clamp(0, 255).to(torch.uint8)
+
+
+def test_realism_by_cue_finds_a_colour_change_in_colour_and_fine_detail_in_grey(
+    surfaces, one_thread
+):
+    # A tint that keeps each pixel's grey is told apart in colour and not in grey; a 1 px
+    # checkerboard in grey and not once blurred.
+    real, other = surfaces[:100], surfaces[100:200]
+    tint = realism_by_cue(real, tinted(other), seed=0, cues=("colour", "grey"), steps=100)
+    assert tint["colour"].auc > 0.95 and tint["grey"].auc < 0.75, tint
+    speck = realism_by_cue(real, speckled(other), seed=0, cues=("grey", "blur"), steps=100)
+    assert speck["grey"].auc > 0.95 and speck["blur"].auc < 0.75, speck
+    with pytest.raises(ValueError, match="unknown cue 'hue'; the cues are colour, grey, blur"):
+        realism_by_cue(real, other, cues=("hue",))

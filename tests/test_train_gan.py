@@ -467,6 +467,30 @@ def test_d_step_adds_d_cls_on_restorations_at_its_weight(weight, extra, tiny_fol
     assert weight == 0 or expected > 0
 
 
+@pytest.mark.parametrize("region", ["image", "outside_mask"])
+def test_rec_region_weights_each_pixels_cycle_error_by_what_the_first_pass_left_unpainted(
+    region, tiny_folder
+):
+    # loss.rec_region=outside_mask (beyond the paper): L_rec's error at each pixel of n and d is
+    # weighted by 1 - m of the first pass over it (m_d of d', m_n of n'); "image" weighs all alike.
+    from dgan.train.gan import first_pass, g_step
+
+    config = tiny_gan_config(tiny_folder, "generator.ani=false", f"loss.rec_region={region}")
+    accelerator, batch, nets = one_batch_and_nets(config)
+    first = first_pass(nets, batch, config)
+    zeros = torch.zeros_like(batch["target_labels"])
+    x = torch.cat([batch["normal"], batch["defect"]])
+    with torch.no_grad():
+        second = nets.G_raw(first.image, torch.cat([zeros, batch["defect_labels"]]))
+        error = (x - second.image).abs()
+        weighted = (error * (1 - first.defect_mask)).mean()
+        plain = error.mean()
+    terms = g_step(nets, batch, config, accelerator, first)
+    expected = weighted if region == "outside_mask" else plain
+    torch.testing.assert_close(terms["g_rec"].detach(), expected, rtol=1e-5, atol=1e-6)
+    assert float(weighted) < float(plain)  # m > 0 somewhere: the two differ
+
+
 @pytest.mark.parametrize("cycle_noise", [True, False])
 def test_cycle_noise_switch_decides_whether_the_second_pass_draws_ani_noise(
     cycle_noise, tiny_folder
@@ -521,6 +545,46 @@ def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
         (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
     )
     assert weight == 0 or expected > 0
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_g_step_rewards_defacement_maps_that_differ_between_two_noise_draws(weight, tiny_folder):
+    # loss.lambda_diversity (beyond the paper): G defaces the same normals with the same A once
+    # more, with a second draw of ANI's noise; g_diversity is -mean min(|m1 - m2|, cap) over the
+    # defacements, carried by g_total at its weight. At 0 it is absent.
+    import torch
+
+    from dgan.train.gan import first_pass, g_step
+
+    cap = 1e-3
+    config = tiny_gan_config(
+        tiny_folder, f"loss.lambda_diversity={weight}", f"loss.diversity_cap={cap}"
+    )
+    accelerator, batch, nets = one_batch_and_nets(config)
+    first = first_pass(nets, batch, config)
+    terms = g_step(nets, batch, config, accelerator, first)
+    # ANI's strengths start at 0: both draws paint the same map, and the term is exactly 0
+    assert terms["g_diversity"].item() == 0.0
+    with torch.no_grad():
+        for injection in nets.G_raw.noise:
+            injection.noise_strength.fill_(0.5)  # noise that shows
+    first = first_pass(nets, batch, config)
+    terms = g_step(nets, batch, config, accelerator, first)
+    # the maps now differ by more than the cap in every image: each counts as the cap
+    expected = torch.tensor(-cap if weight else 0.0)
+    torch.testing.assert_close(terms["g_diversity"].detach(), expected)
+    lw = config.loss
+    rest = (
+        terms["g_adv"]
+        + lw.lambda_cls_f * terms["g_cls_f"]
+        + lw.lambda_rec * terms["g_rec"]
+        + lw.lambda_sd_cyc * terms["g_sd_cyc"]
+        + lw.lambda_sd_con * terms["g_sd_con"]
+        + lw.lambda_outside * terms["g_outside"]
+    )
+    torch.testing.assert_close(
+        (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", ["box", "ellipse"])

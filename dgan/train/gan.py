@@ -175,6 +175,16 @@ def d_step(
     return terms
 
 
+def rec_weight(first: GeneratorOutput, config: GanConfig) -> Tensor | None:
+    """L_rec's pixel weights: None (every pixel alike, the paper), or with rec_region=outside_mask
+    1 - [m_d | m_n] of the first pass, detached: n^ need not recover the surface under the defect
+    d' painted, nor d^ the defect that n' painted over, so m gains nothing in the cycle by staying
+    half transparent, and gets no gradient from the weight itself."""
+    if config.loss.rec_region == "image" or first.defect_mask is None:
+        return None
+    return 1 - first.defect_mask.detach()
+
+
 def g_step(
     nets: Nets,
     batch: dict[str, Tensor],
@@ -208,7 +218,9 @@ def g_step(
         "g_cls_f": losses.classification_loss(
             cls[:, : zeros.shape[1]].float(), torch.cat([c_target, zeros])
         ),
-        "g_rec": losses.reconstruction_loss(torch.cat([n, d]), second.image),
+        "g_rec": losses.reconstruction_loss(
+            torch.cat([n, d]), second.image, rec_weight(first, config)
+        ),
     }
     if config.discriminator.restored_output:  # Eq. 7 also asks n' not to look restored
         restored = cls[b:, zeros.shape[1] :].float()
@@ -225,6 +237,15 @@ def g_step(
     # both maps of the first pass, m_d and m_n, as Eq. 10 takes them
     has_mask = first.defect_mask is not None and lw.lambda_binary > 0
     terms["g_binary"] = losses.binary_mask_loss(first.defect_mask) if has_mask else n.new_zeros(())
+    if first.defect_mask is not None and lw.lambda_diversity > 0:
+        # the defacements again, with a second draw of ANI's noise: same n, same A
+        control = first_stage_control(batch, n.shape[2], n.shape[3], config)[0]
+        redrawn = nets.G(n, control).defect_mask
+        terms["g_diversity"] = losses.diversity_loss(
+            first.defect_mask[:b], redrawn, lw.diversity_cap
+        )
+    else:
+        terms["g_diversity"] = n.new_zeros(())
     terms["g_total"] = (
         terms["g_adv"]
         + lw.lambda_cls_f * terms["g_cls_f"]
@@ -233,6 +254,7 @@ def g_step(
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
         + lw.lambda_outside * terms["g_outside"] * use_sc
         + lw.lambda_binary * terms["g_binary"]
+        + lw.lambda_diversity * terms["g_diversity"]
     )
     terms["mask_mean"] = (
         first.defect_mask[:b].mean() if first.defect_mask is not None else zeros.sum()
@@ -369,7 +391,8 @@ class GanJob(TrainingJob):
     schedulable_keys = (
         "loss.lambda_gp", "loss.lambda_cls_r", "loss.lambda_cls_f", "loss.lambda_rec",
         "loss.lambda_sd_cyc", "loss.lambda_sd_con", "loss.lambda_outside",
-        "loss.lambda_binary", "loss.lambda_cls_fake_d", "train.lr_g", "train.lr_d",
+        "loss.lambda_binary", "loss.lambda_cls_fake_d", "loss.lambda_diversity", "train.lr_g",
+        "train.lr_d",
     )  # fmt: skip
     guarded_terms = (*GAN_D_TERMS, *GAN_G_TERMS)
     divergence_advice = (
