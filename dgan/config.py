@@ -280,6 +280,18 @@ class GanConfig(Section):
                 "loss.lambda_cls_restored_d, which is 0; set it above 0 (1 in the demo runs "
                 "measured) or discriminator.restored_output=false"
             )
+        g = self.generator
+        if self.loss.lambda_diversity and not (g.ani and g.lwc):
+            raise ValueError(
+                "loss.lambda_diversity compares the maps m of two draws of ANI's noise, which "
+                "needs generator.ani=true and generator.lwc=true; turn them on or set "
+                "loss.lambda_diversity=0"
+            )
+        if self.loss.rec_region != "image" and not g.lwc:
+            raise ValueError(
+                f"loss.rec_region={self.loss.rec_region} weights L_rec by G's map m, which "
+                "needs generator.lwc=true; turn it on or set loss.rec_region=image"
+            )
         if self.train.batch_size % 2:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must be even: half normals, half defects"

@@ -106,7 +106,7 @@ def diversity_loss(defect_mask: Tensor, redrawn_mask: Tensor, cap: float) -> Ten
     tau), on two maps that G paints for the same input and A with two draws of ANI's noise. Each
     image's mean |m1 - m2| counts up to the cap tau, so the term asks for a new defect shape per
     draw without rewarding noise for its own sake. Every noise map is N(0, 1), so the distance
-    between the draws, which the paper's ratio divides by, is the same for each image and left
+    between the draws, which Yang et al.'s ratio divides by, is the same for each image and left
     out."""
     distance = (defect_mask - redrawn_mask).abs().flatten(1).mean(dim=1)
     return -distance.clamp(max=cap).mean()

@@ -118,6 +118,16 @@ def test_minibatch_std_is_off_in_the_paper_preset_and_must_divide_each_half_of_a
         load_config("gan", ["demo"], ["discriminator.minibatch_std=3"])
 
 
+def test_the_diversity_term_and_rec_region_are_off_in_the_paper_preset_and_need_gs_map():
+    paper = load_config("gan", ["paper"], []).loss
+    assert (paper.lambda_diversity, paper.rec_region) == (0, "image")
+    assert load_config("gan", ["paper"], ["loss.lambda_diversity=2"]).loss.lambda_diversity == 2
+    with pytest.raises(DganError, match="needs generator.ani=true and generator.lwc=true"):
+        load_config("gan", ["paper"], ["loss.lambda_diversity=2", "generator.ani=false"])
+    with pytest.raises(DganError, match="rec_region=outside_mask weights L_rec by G's map m"):
+        load_config("gan", ["paper", "table2/stargan"], ["loss.rec_region=outside_mask"])
+
+
 def test_restored_output_is_off_in_the_paper_preset_and_needs_its_loss_weight():
     paper = load_config("gan", ["paper"], [])
     assert paper.discriminator.restored_output is False

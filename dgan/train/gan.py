@@ -180,7 +180,7 @@ def rec_weight(first: GeneratorOutput, config: GanConfig) -> Tensor | None:
     1 - [m_d | m_n] of the first pass, detached: n^ need not recover the surface under the defect
     d' painted, nor d^ the defect that n' painted over, so m gains nothing in the cycle by staying
     half transparent, and gets no gradient from the weight itself."""
-    if config.loss.rec_region == "image" or first.defect_mask is None:
+    if config.loss.rec_region == "image":
         return None
     return 1 - first.defect_mask.detach()
 
@@ -237,7 +237,7 @@ def g_step(
     # both maps of the first pass, m_d and m_n, as Eq. 10 takes them
     has_mask = first.defect_mask is not None and lw.lambda_binary > 0
     terms["g_binary"] = losses.binary_mask_loss(first.defect_mask) if has_mask else n.new_zeros(())
-    if first.defect_mask is not None and lw.lambda_diversity > 0:
+    if lw.lambda_diversity > 0:  # the config refuses it without ANI and LWC
         # the defacements again, with a second draw of ANI's noise: same n, same A
         control = first_stage_control(batch, n.shape[2], n.shape[3], config)[0]
         redrawn = nets.G(n, control).defect_mask
