@@ -131,9 +131,9 @@ def test_non_finite_loss_stops_with_the_iteration_and_term_and_keeps_last_good_c
     calls = {"n": 0}
     real = losses.reconstruction_loss
 
-    def poisoned(x, y):
+    def poisoned(x, y, weight=None):
         calls["n"] += 1  # the second G update (iteration 10) returns NaN
-        return real(x, y) * (float("nan") if calls["n"] >= 2 else 1.0)
+        return real(x, y, weight) * (float("nan") if calls["n"] >= 2 else 1.0)
 
     monkeypatch.setattr(losses, "reconstruction_loss", poisoned)
     config = tiny_gan_config(tiny_folder, "train.iterations=12", "log.log_every=100")
@@ -518,6 +518,19 @@ def test_cycle_noise_switch_decides_whether_the_second_pass_draws_ani_noise(
         torch.testing.assert_close(terms["g_rec"], expected)
 
 
+def weighted_sum_without_optional_terms(terms, lw):
+    """G's Eq. 12 total with the outside-region term, as g_step weights them: g_total less the
+    optional terms that are 0 unless their weight is set (g_binary, g_diversity)."""
+    return (
+        terms["g_adv"]
+        + lw.lambda_cls_f * terms["g_cls_f"]
+        + lw.lambda_rec * terms["g_rec"]
+        + lw.lambda_sd_cyc * terms["g_sd_cyc"]
+        + lw.lambda_sd_con * terms["g_sd_con"]
+        + lw.lambda_outside * terms["g_outside"]
+    )
+
+
 @pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
     weight, tiny_folder
@@ -532,18 +545,8 @@ def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
     expected = losses.binary_mask_loss(first.defect_mask.detach()) if weight else torch.tensor(0.0)
     terms = g_step(nets, batch, config, accelerator, first)
     torch.testing.assert_close(terms["g_binary"].detach(), expected, rtol=1e-5, atol=1e-6)
-    lw = config.loss
-    rest = (
-        terms["g_adv"]
-        + lw.lambda_cls_f * terms["g_cls_f"]
-        + lw.lambda_rec * terms["g_rec"]
-        + lw.lambda_sd_cyc * terms["g_sd_cyc"]
-        + lw.lambda_sd_con * terms["g_sd_con"]
-        + lw.lambda_outside * terms["g_outside"]
-    )
-    torch.testing.assert_close(
-        (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
-    )
+    beyond = terms["g_total"] - weighted_sum_without_optional_terms(terms, config.loss)
+    torch.testing.assert_close(beyond.detach(), weight * expected, rtol=1e-4, atol=1e-5)
     assert weight == 0 or expected > 0
 
 
@@ -552,8 +555,6 @@ def test_g_step_rewards_defacement_maps_that_differ_between_two_noise_draws(weig
     # loss.lambda_diversity (beyond the paper): G defaces the same normals with the same A once
     # more, with a second draw of ANI's noise; g_diversity is -mean min(|m1 - m2|, cap) over the
     # defacements, carried by g_total at its weight. At 0 it is absent.
-    import torch
-
     from dgan.train.gan import first_pass, g_step
 
     cap = 1e-3
@@ -573,18 +574,8 @@ def test_g_step_rewards_defacement_maps_that_differ_between_two_noise_draws(weig
     # the maps now differ by more than the cap in every image: each counts as the cap
     expected = torch.tensor(-cap if weight else 0.0)
     torch.testing.assert_close(terms["g_diversity"].detach(), expected)
-    lw = config.loss
-    rest = (
-        terms["g_adv"]
-        + lw.lambda_cls_f * terms["g_cls_f"]
-        + lw.lambda_rec * terms["g_rec"]
-        + lw.lambda_sd_cyc * terms["g_sd_cyc"]
-        + lw.lambda_sd_con * terms["g_sd_con"]
-        + lw.lambda_outside * terms["g_outside"]
-    )
-    torch.testing.assert_close(
-        (terms["g_total"] - rest).detach(), weight * expected, rtol=1e-4, atol=1e-5
-    )
+    beyond = terms["g_total"] - weighted_sum_without_optional_terms(terms, config.loss)
+    torch.testing.assert_close(beyond.detach(), weight * expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", ["box", "ellipse"])

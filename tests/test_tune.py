@@ -253,8 +253,8 @@ def write_space(tmp_path: Path, text: str) -> str:
     "args,message",
     [
         (["--space", "SPACE:loss.lambda_bogus: {uniform: [1, 2]}"],
-         "loss.lambda_bogus is not a key of the GAN config; keys of loss: lambda_binary, "
-             "lambda_cls_f"),
+         "loss.lambda_bogus is not a key of the GAN config; keys of loss: diversity_cap, "
+             "lambda_binary, lambda_cls_f"),
         (["--space", "SPACE:loss.lambda_rec: {loguniform: [5, 5]}"],
          "the range [5, 5] is empty"),
         (["--space", "SPACE:train.lr_g: {uniform: [4.0e-4, 1.0e-4]}"],
