@@ -21,7 +21,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", help="a run directory, checkpoint, export or models:/ URI")
     parser.add_argument("--data", type=Path, default=None, help="dataset (default: the model's)")
