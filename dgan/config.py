@@ -98,6 +98,10 @@ class DiscriminatorConfig(Section):
     # StarGAN's trunk with D_cls, whose three category losses otherwise shape the features that
     # tell real from fake. False: the paper's (StarGAN's) shared trunk.
     separate_src: bool = False
+    # Beyond the paper: a 3x3 stride-1 conv of this many channels at full resolution before D's
+    # first stride-2 layer (StarGAN's D starts with a 4x4 stride-2 conv), so that D reads each
+    # pixel with its neighbours, as the realism test's classifier does. 0: off, the paper's D.
+    stem: int = Field(0, ge=0, le=512)
 
 
 class GanDataConfig(Section):

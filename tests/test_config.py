@@ -84,6 +84,7 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("generator.spade_from=encoder", "Input should be 'decoder' or 'bottleneck'"),
         ("loss.rec_region=inside", "loss.rec_region: Input should be 'image' or 'outside_mask'"),
         ("loss.diversity_cap=0", "loss.diversity_cap: Input should be greater than 0"),
+        ("discriminator.stem=-1", "discriminator.stem: Input should be greater than or equal to 0"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

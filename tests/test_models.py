@@ -280,6 +280,26 @@ def test_fine_source_head_scores_each_small_patch_on_its_own():
     assert touched[:8, :8].any() and not touched[8:].any() and not touched[:, 8:].any()
 
 
+def test_stem_reads_each_pixel_at_full_resolution_before_the_stride_2_layers():
+    torch.manual_seed(0)
+    D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1, stem=6)
+    plain = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1)
+    assert isinstance(plain.main[0], DownConv) and not isinstance(D.main[0], DownConv)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    stem_out = D.main[:2](x)
+    assert stem_out.shape == (2, 6, 32, 32)  # full resolution, 6 channels
+    stem_out[0, 0, 5, 7].backward()  # one stem unit reads its 3x3 neighbourhood, no more
+    touched = (x.grad.abs().sum((0, 1)) > 0).nonzero().tolist()
+    assert sorted(touched) == [[y, x_] for y in (4, 5, 6) for x_ in (6, 7, 8)]
+    # The fine head still reads the map after one stride-2 layer, and both heads keep their shapes.
+    fine_in = []
+    D.fine_src.register_forward_hook(lambda _m, args, _o: fine_in.append(args[0].shape))
+    src, cls = D(torch.randn(2, 3, 32, 32))
+    assert fine_in == [(2, 4, 16, 16)]
+    assert src.shape == plain(torch.randn(2, 3, 32, 32))[0].shape == (2, 1, 2, 2)
+    assert cls.shape == (2, C)
+
+
 def test_minibatch_std_lets_each_source_head_read_the_spread_of_its_run_and_not_beyond():
     torch.manual_seed(0)
     D = Discriminator(32, C, conv_dim=4, max_dim=16, fine_src_layer=1, minibatch_std=2)

@@ -300,6 +300,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_even_with_loader_workers
         ("discriminator.projection=true", "embed.weight"),  # the projection's label embedding
         ("discriminator.minibatch_std=2", "src.weight"),  # D_src reading its run's spread
         ("discriminator.separate_src=true", "src_main.0.weight"),  # D_src's own trunk
+        ("discriminator.stem=4", "main.0.weight"),  # the full-resolution stem
     ],
 )
 def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(

@@ -41,5 +41,6 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         restored_output=d.restored_output,
         minibatch_std=d.minibatch_std,
         separate_src=d.separate_src,
+        stem=d.stem,
     )
     return generator, discriminator

@@ -9,6 +9,8 @@ A third lets each D_src head read how much its features vary over a few images o
 (Karras et al. 2018), so that a generator that draws one shape at one place on every input
 scores worse than varied real defects. A fourth gives D_src a trunk of its own, so that its
 features are learnt for telling real from fake alone and not shared with D_cls's categories.
+A fifth puts a stride-1 conv at full resolution before the first stride-2 layer, so that D reads
+each pixel with its neighbours (a one-pixel colour fringe, a dark rim) before it downsamples.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Discriminator(nn.Module):
     defects, real normals, defacements or restorations); D_cls does not read it.
     With `separate_src`, D_src's heads (and the projection) read a second trunk of the same shape,
     `src_main`, and D_cls alone reads `main`.
+    With `stem` s > 0, each trunk starts with a 3x3 stride-1 conv of s channels (and a LeakyReLU)
+    at the image's resolution; the stride-2 layers and the fine head's layer count follow it.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class Discriminator(nn.Module):
         restored_output: bool = False,
         minibatch_std: int = 0,
         separate_src: bool = False,
+        stem: int = 0,
     ) -> None:
         super().__init__()
         self.minibatch_std = minibatch_std
@@ -65,6 +70,9 @@ class Discriminator(nn.Module):
         def trunk() -> tuple[nn.Sequential, int]:
             layers: list[nn.Module] = []
             in_ch, out_ch = 3, conv_dim
+            if stem:
+                layers += [nn.Conv2d(3, stem, 3, padding=1), nn.LeakyReLU(0.01)]
+                in_ch = stem
             for _ in range(n_layers):
                 layers += [DownConv(in_ch, out_ch), nn.LeakyReLU(0.01)]
                 in_ch, out_ch = out_ch, min(out_ch * 2, max_dim)
@@ -77,6 +85,7 @@ class Discriminator(nn.Module):
         self.cls = nn.Conv2d(in_ch, num_classes + restored_output, final, bias=False)
         self.embed = nn.Linear(num_classes, in_ch, bias=False) if projection else None
         self.fine_src_layer = fine_src_layer
+        self.stem_layers = 2 if stem else 0  # the stem's conv and LeakyReLU
         self.fine_src = None
         if fine_src_layer is not None:
             if not 1 <= fine_src_layer < n_layers:
@@ -110,7 +119,8 @@ class Discriminator(nn.Module):
             h = trunk(x)
             src = self.src(self.with_group_std(h))
         else:
-            split = 2 * self.fine_src_layer  # each layer is a conv and a LeakyReLU
+            # Each layer is a conv and a LeakyReLU, after the stem's.
+            split = self.stem_layers + 2 * self.fine_src_layer
             early = trunk[:split](x)
             h = trunk[split:](early)
             src = self.src(self.with_group_std(h))
