@@ -17,20 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-
-
-def chroma(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 1, H, W): mean |channel - the channels' mean|."""
-    return (images - images.mean(1, keepdim=True)).abs().mean(1, keepdim=True)
-
-
-def load_masks(paths: list[Path], size: int) -> torch.Tensor:
-    """(N, 1, size, size): 1 where the dataset's defect mask is set."""
-    masks = [Image.open(p).convert("L").resize((size, size), Image.BILINEAR) for p in paths]
-    return torch.from_numpy((np.stack(masks) > 127).astype(np.float32))[:, None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from dgan.data import open_dataset
     from dgan.data.loader import to_unit_range
     from dgan.errors import DganError
-    from dgan.evaluation.inputs import load_images
+    from dgan.evaluation.inputs import load_images, load_masks
+    from dgan.metrics.appearance import chroma
     from dgan.models import build_gan
     from dgan.run import checkpoint as ckpt
 

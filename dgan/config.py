@@ -60,6 +60,11 @@ class GeneratorConfig(Section):
     # resized back bilinearly, as JPEG subsamples chroma. A crack stays a pixel wide in brightness
     # but cannot be fringed with single magenta or green pixels. 1 is the paper's f.
     chroma_stride: int = Field(1, ge=1, le=16)
+    # Beyond the paper: ANI's learned noise strengths are kept divided by this gain, so each
+    # optimizer step moves a strength this many times further (Adam's step does not scale with
+    # the parameter). 1 is the paper's: in the demo preset's 600 G updates no strength passed 0.035,
+    # and the noise barely changed an image. Needs generator.ani.
+    noise_gain: float = Field(1.0, gt=0, le=1000)
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -290,6 +295,11 @@ class GanConfig(Section):
                 "loss.lambda_diversity compares the maps m of two draws of ANI's noise, which "
                 "needs generator.ani=true and generator.lwc=true; turn them on or set "
                 "loss.lambda_diversity=0"
+            )
+        if g.noise_gain != 1 and not g.ani:
+            raise ValueError(
+                f"generator.noise_gain={g.noise_gain} scales ANI's noise strengths, which needs "
+                "generator.ani=true; turn it on or set generator.noise_gain=1"
             )
         if self.loss.rec_region != "image" and not g.lwc:
             raise ValueError(

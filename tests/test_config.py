@@ -84,6 +84,7 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("generator.spade_from=encoder", "Input should be 'decoder' or 'bottleneck'"),
         ("loss.rec_region=inside", "loss.rec_region: Input should be 'image' or 'outside_mask'"),
         ("loss.diversity_cap=0", "loss.diversity_cap: Input should be greater than 0"),
+        ("generator.noise_gain=0", "generator.noise_gain: Input should be greater than 0"),
         ("discriminator.stem=-1", "discriminator.stem: Input should be greater than or equal to 0"),
         ("train.batch_size", "expected section.key=value"),
     ],
@@ -127,6 +128,13 @@ def test_the_diversity_term_and_rec_region_are_off_in_the_paper_preset_and_need_
         load_config("gan", ["paper"], ["loss.lambda_diversity=2", "generator.ani=false"])
     with pytest.raises(DganError, match="rec_region=outside_mask weights L_rec by G's map m"):
         load_config("gan", ["paper", "table2/stargan"], ["loss.rec_region=outside_mask"])
+
+
+def test_noise_gain_is_1_in_the_paper_preset_and_needs_ani():
+    assert load_config("gan", ["paper"], []).generator.noise_gain == 1
+    assert load_config("gan", ["demo"], ["generator.noise_gain=30"]).generator.noise_gain == 30
+    with pytest.raises(DganError, match="noise_gain=30.0 scales ANI's noise strengths"):
+        load_config("gan", ["demo"], ["generator.noise_gain=30", "generator.ani=false"])
 
 
 def test_restored_output_is_off_in_the_paper_preset_and_needs_its_loss_weight():

@@ -174,6 +174,39 @@ def test_labels_as_control_equal_their_map_repeated_over_space_through_the_backw
     assert not torch.allclose(G(x, other).image, G(x, labels).image, atol=1e-3)
 
 
+def test_noise_gain_scales_what_an_optimizer_step_does_to_each_noise_strength():
+    torch.manual_seed(0)
+    plain, fast = tiny(ani=True), tiny(ani=True, noise_gain=20.0)
+    fast.load_state_dict(plain.state_dict())  # same parameters: the gain is not one of them
+    x, a = torch.rand(2, 3, 16, 16), torch.zeros(2, C, 16, 16)
+    with torch.no_grad():
+        for p, f in zip(plain.noise, fast.noise, strict=True):
+            p.noise_strength.fill_(0.2)
+            f.noise_strength.fill_(0.01)  # w = 20 * 0.01 = 0.2 as well
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(fast(x, a, g1).image, plain(x, a, g2).image)
+    # One Adam step of lr moves each parameter by lr: w moves 20 times as far under the gain.
+    lr = 1e-3
+    moved = []
+    for G in (plain, fast):
+        before = [float(n.strength.detach()) for n in G.noise]
+        optimizer = torch.optim.Adam([n.noise_strength for n in G.noise], lr=lr)
+        out = G(x, a, torch.Generator().manual_seed(1)).image
+        (out - x).square().mean().backward()
+        optimizer.step()
+        moved.append(
+            [abs(float(n.strength.detach()) - b) for n, b in zip(G.noise, before, strict=True)]
+        )
+    for p_move, f_move in zip(*moved, strict=True):
+        assert p_move == pytest.approx(lr, rel=1e-3) and f_move == pytest.approx(20 * lr, rel=1e-3)
+    # The config's generator.noise_gain reaches every injection of the G that training builds.
+    from dgan.config import load_config
+    from dgan.models import build_gan
+
+    built, _ = build_gan(load_config("gan", ["demo"], ["generator.noise_gain=30"]), C)
+    assert built.noise and all(n.gain == 30 for n in built.noise)
+
+
 def test_adaptive_noise_has_one_learned_scalar_per_conv_block_starting_at_zero():
     G = tiny(ani=True)
     strengths = [m.noise_strength for m in G.modules() if isinstance(m, NoiseInjection)]

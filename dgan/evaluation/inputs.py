@@ -48,6 +48,11 @@ def load_images(paths: Sequence[Path], size: int) -> Tensor:
     return torch.stack([torch.from_numpy(load_image(p, size)) for p in paths])
 
 
+def load_masks(paths: Sequence[Path], size: int) -> Tensor:
+    """(N, 1, size, size) floats: 1 where a dataset's defect mask is set, resized as its image."""
+    return torch.stack([torch.from_numpy(load_image(p, size)[:1] > 127) for p in paths]).float()
+
+
 def random_boxes(n: int, size: int, seed: int) -> Tensor:
     """n boxes with sides of 35-75% of the image, placed uniformly, as training's random regions."""
     rng = np.random.default_rng([seed, 3])

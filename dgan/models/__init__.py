@@ -29,6 +29,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         spade_from=g.spade_from,
         foreground=g.foreground,
         chroma_stride=g.chroma_stride,
+        noise_gain=g.noise_gain,
     )
     discriminator = Discriminator(
         config.data.image_size,

@@ -56,11 +56,20 @@ def instance_norm(channels: int, affine: bool = True) -> nn.InstanceNorm2d:
 
 
 class NoiseInjection(nn.Module):
-    """ANI: x + w * N(0, 1), one learned scalar w per injection, initialised to 0 (Sec. 3.1)."""
+    """ANI: x + w * N(0, 1), one learned scalar w per injection, initialised to 0 (Sec. 3.1).
 
-    def __init__(self) -> None:
+    w is kept as `noise_strength` = w / gain: with gain k, an optimizer step that moves the
+    parameter by lr moves w by k * lr."""
+
+    def __init__(self, gain: float = 1.0) -> None:
         super().__init__()
+        self.gain = gain
         self.noise_strength = nn.Parameter(torch.zeros(()))
+
+    @property
+    def strength(self) -> Tensor:
+        """w, the scale of the noise this injection adds."""
+        return self.gain * self.noise_strength
 
     def forward(self, x: Tensor, generator: NoiseGenerator = None) -> Tensor:
         b, _, h, w = x.shape
@@ -73,7 +82,7 @@ class NoiseInjection(nn.Module):
             )
         else:
             noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype, generator=generator)
-        return x + self.noise_strength.to(x.dtype) * noise
+        return x + self.strength.to(x.dtype) * noise
 
 
 class SPADE(nn.Module):
@@ -184,6 +193,7 @@ class Generator(nn.Module):
         spade_from: str = "decoder",
         foreground: str = "image",
         chroma_stride: int = 1,
+        noise_gain: float = 1.0,
     ) -> None:
         super().__init__()
         self.foreground_mode, self.chroma_stride = foreground, chroma_stride
@@ -216,7 +226,7 @@ class Generator(nn.Module):
             ResidualBlock(d, c, spade_hidden, spade=scc) for _ in range(fine_blocks)
         )
         n_noise = len(self.encoder) + repeat_num + len(self.up) + fine_blocks
-        self.noise = nn.ModuleList(NoiseInjection() for _ in range(n_noise if ani else 0))
+        self.noise = nn.ModuleList(NoiseInjection(noise_gain) for _ in range(n_noise if ani else 0))
         self.to_foreground = nn.Conv2d(d, 3, 7, padding=3)
         self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
 
