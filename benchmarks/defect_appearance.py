@@ -3,9 +3,9 @@
 python benchmarks/defect_appearance.py runs/gan/00000-demo              # its latest checkpoint
 python benchmarks/defect_appearance.py models:/defect-gan@champion --data data/demo --n 128
 
-For each category, real defects of that category alone (inside their annotated masks) against
-defacements of as many real normals of the same split asked for that category (weighted by m, so a
-pixel that m half blends counts half), pixels in [-1, 1]:
+For each category, the real defects of that category alone (inside their annotated masks, at most
+--n) against defacements of --n real normals of the same split asked for that category (weighted
+by m, so a pixel that m half blends counts half), pixels in [-1, 1]:
 - area: the share of the image the defect covers (real: its mask; synthesized: the mean of m);
 - grey: the mean grey level inside (-1 black, 1 white);
 - chroma: the mean |channel - the channels' mean| inside (0 for grey pixels);
