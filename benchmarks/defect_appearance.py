@@ -57,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except DganError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if not getattr(G, "lwc", False):
+    if not G.lwc:
         print("error: the model paints no spatial distribution map m (generator.lwc is off)",
               file=sys.stderr)  # fmt: skip
         return 2
     size = config.data.image_size
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     x = to_unit_range(load_images([s.path for s in normals], size))
     print(f"inside the defect: real ({args.split} split, annotated masks) against synthesized "
           f"(defacements of {len(x)} {args.split} normals, weighted by m; {size} px, "
