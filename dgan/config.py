@@ -65,6 +65,12 @@ class GeneratorConfig(Section):
     # the parameter). 1 is the paper's: in the demo preset's 600 G updates no strength passed 0.035,
     # and the noise barely changed an image. Needs generator.ani.
     noise_gain: float = Field(1.0, gt=0, le=1000)
+    # Beyond the paper: a third head beside f and m predicts, at each pixel, the amplitude (from 0
+    # up to this cap) of fresh N(0, 1) noise added to f's grey before its tanh, so that a spall's
+    # grit or a bloom's crystals need not be drawn by the convs from ANI's feature noise. Drawn
+    # when ANI's noise is (generator.cycle_noise decides for the cycle's second pass). 0 is the
+    # paper's G (no such head). Needs generator.lwc.
+    grain: float = Field(0.0, ge=0, le=10)
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -136,6 +142,13 @@ class GanTrainConfig(Section):
     # The asked region's shape in training: the box, or the ellipse inscribed in it (no straight
     # edge in A or in the outside-region term for G to copy into m). Boxes at inference either way.
     region_shape: Literal["box", "ellipse"] = "box"
+    # Beyond the paper: the label set of each real defect drawn and of each defacement asked for
+    # is drawn with probability proportional to (its count among the training defects) **
+    # set_power, a real defect then uniformly within its set. 1 is the data's own distribution,
+    # co-occurrence included, each defect once per pass (the paper's); 0 draws every set that
+    # occurs equally often. Real and asked sets follow one distribution, so D_src cannot tell
+    # defacements by how often their kind occurs.
+    set_power: float = Field(1.0, ge=0, le=1)
     ema: bool = True  # EMA of G for sampling and evaluation (StyleGAN practice)
     ema_beta: float = Field(0.999, ge=0, lt=1)
     ema_start: int = Field(0, ge=0)  # iterations before the EMA starts tracking (copies G)
@@ -300,6 +313,11 @@ class GanConfig(Section):
             raise ValueError(
                 f"generator.noise_gain={g.noise_gain} scales ANI's noise strengths, which needs "
                 "generator.ani=true; turn it on or set generator.noise_gain=1"
+            )
+        if g.grain and not g.lwc:
+            raise ValueError(
+                f"generator.grain={g.grain} adds noise to the foreground f, which needs "
+                "generator.lwc=true; turn it on or set generator.grain=0"
             )
         if self.loss.rec_region != "image" and not g.lwc:
             raise ValueError(

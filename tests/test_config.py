@@ -86,6 +86,8 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("loss.diversity_cap=0", "loss.diversity_cap: Input should be greater than 0"),
         ("generator.noise_gain=0", "generator.noise_gain: Input should be greater than 0"),
         ("discriminator.stem=-1", "discriminator.stem: Input should be greater than or equal to 0"),
+        ("train.set_power=2", "train.set_power: Input should be less than or equal to 1"),
+        ("generator.grain=-1", "generator.grain: Input should be greater than or equal to 0"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

@@ -79,3 +79,30 @@ def test_unknown_class_and_missing_domain_are_refused(tiny_folder):
         select_classes(index, ["crack", "rust"])
     with pytest.raises(DganError, match="no defect images"):
         UnpairedStream(index.select("train", normal=True), [], [0], 16, True, 0)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.0])
+def test_set_power_draws_real_and_asked_label_sets_by_count_to_that_power(tiny_folder, power):
+    index = open_dataset(tiny_folder)
+    columns = list(range(len(index.classes)))
+    normals, defects = index.select("train", normal=True), index.select("train", normal=False)
+    # The stream's defects with one label set made rare: 1 in 9 copies of the list.
+    rare = [s for s in defects if s.labels == defects[0].labels][:1]
+    common = [s for s in defects if s.labels != defects[0].labels]
+    assert common, "the tiny set needs two label sets"
+    pool = rare + common * 8
+    stream = UnpairedStream(normals, pool, columns, 16, False, 0, set_power=power)
+    rows = [tuple(r) for r in stream.labels.tolist()]
+    counts = {s: rows.count(s) for s in set(rows)}
+    weights = {s: c**power for s, c in counts.items()}
+    rare_set = rows[0]
+    expected = weights[rare_set] / sum(weights.values())
+    n = 2000
+    items = [stream[p] for p in range(n)]
+    for key in ("target_labels", "defect_labels"):  # what is asked, and the real defect drawn
+        drawn = [tuple(item[key].tolist()) for item in items]
+        assert set(drawn) == set(rows), key  # only label sets that occur, and every one
+        share = drawn.count(rare_set) / n
+        assert share == pytest.approx(expected, abs=0.03), key
+        if power == 0:  # the same share as any other set, far above its share of the defects
+            assert share > 2 * counts[rare_set] / len(pool), key

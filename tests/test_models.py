@@ -207,6 +207,47 @@ def test_noise_gain_scales_what_an_optimizer_step_does_to_each_noise_strength():
     assert built.noise and all(n.gain == 30 for n in built.noise)
 
 
+def test_grain_adds_grey_noise_of_the_predicted_amplitude_to_the_foreground_only():
+    plain, grainy = tiny(), tiny(grain=2.0)
+    state = grainy.state_dict()
+    plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("to_grain")})
+    x, a = torch.rand(2, 3, 16, 16) * 2 - 1, torch.ones(2, C)
+    with torch.no_grad():  # grain's amplitude a = 2 * sigmoid(0) = 1 everywhere
+        grainy.to_grain.weight.zero_()
+        grainy.to_grain.bias.zero_()
+    quiet = grainy(x, a, noise=False)
+    reference = plain(x, a, noise=False)
+    torch.testing.assert_close(quiet.image, reference.image)  # no noise, no grain
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():  # ANI's strengths are 0: grain is the only noise
+        noisy = grainy(x, a, generator=g1)
+        again = grainy(x, a, generator=g2)
+    torch.testing.assert_close(noisy.image, again.image)  # same seed, same grain
+    torch.testing.assert_close(noisy.defect_mask, quiet.defect_mask)  # m is untouched
+    z = torch.atanh(noisy.foreground) - torch.atanh(quiet.foreground)  # before the tanh
+    torch.testing.assert_close(z[:, 0], z[:, 1], atol=1e-3, rtol=1e-3)  # grey: every channel
+    torch.testing.assert_close(z[:, 0], z[:, 2], atol=1e-3, rtol=1e-3)
+    assert 0.8 < float(z[:, 0].std()) < 1.2  # N(0, 1) times an amplitude of 1
+    with torch.no_grad():  # however large the head's output, the amplitude stays under the cap
+        grainy.to_grain.bias.fill_(50.0)
+        capped = grainy(x, a, generator=torch.Generator().manual_seed(3))
+    z = torch.atanh(capped.foreground.clamp(-0.999999, 0.999999)) - torch.atanh(quiet.foreground)
+    assert 1.6 < float(z[:, 0].std()) < 2.4  # N(0, 1) times the cap, 2
+    # At initialisation the amplitude is 2 * sigmoid(-4) = 0.036: grain starts nearly off.
+    assert torch.allclose(tiny(grain=2.0).to_grain.bias, torch.tensor([-4.0]))
+    assert tiny().to_grain is None  # 0, the paper's G: no grain head
+    # The config's generator.grain reaches the G that training builds, and needs LWC.
+    from dgan.config import load_config
+    from dgan.models import build_gan
+
+    built, _ = build_gan(load_config("gan", ["demo"], ["generator.grain=0.5"]), C)
+    assert built.to_grain is not None and built.grain == 0.5
+    with pytest.raises(DganError, match="generator.grain=0.5 adds noise to the foreground f"):
+        load_config(
+            "gan", ["demo"], ["generator.grain=0.5", "generator.lwc=false", "generator.sc=false"]
+        )
+
+
 def test_adaptive_noise_has_one_learned_scalar_per_conv_block_starting_at_zero():
     G = tiny(ani=True)
     strengths = [m.noise_strength for m in G.modules() if isinstance(m, NoiseInjection)]

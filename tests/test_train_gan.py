@@ -317,6 +317,25 @@ def test_optional_discriminator_part_trains_and_reaches_the_checkpoint(
     assert not torch.equal(trained[f"D.{weight}"], D0.state_dict()[weight])
 
 
+def test_grain_head_trains_and_reaches_the_checkpoint_and_set_power_the_stream(
+    tiny_folder, workdir
+):
+    from dgan.models import build_gan
+    from dgan.train.gan import load_training_data
+
+    config = tiny_gan_config(
+        tiny_folder, "train.iterations=5", "generator.grain=0.5", "train.set_power=0"
+    )
+    assert load_training_data(config)[2].set_power == 0  # the config's draw of label sets
+    run_dir = run_gan(config, quiet=True).run_dir
+    trained = weights(ckpt.list_checkpoints(run_dir)[-1])
+    torch.manual_seed(config.train.seed)
+    G0, _ = build_gan(config, len(ckpt.read_status(run_dir)["classes"]))
+    initial = G0.state_dict()["to_grain.weight"]
+    assert trained["G.to_grain.weight"].shape == initial.shape
+    assert not torch.equal(trained["G.to_grain.weight"], initial)
+
+
 def test_minibatch_std_is_checked_against_each_processs_share_of_the_batch(tiny_folder):
     from dgan.errors import DganError
     from dgan.train.gan import check_minibatch_std

@@ -70,6 +70,7 @@ class UnpairedStream(Dataset):
         flip: bool,
         seed: int,
         region_prob: float = 0.0,
+        set_power: float = 1.0,
     ) -> None:
         if not normals or not defects:
             missing = "normal" if not normals else "defect"
@@ -82,6 +83,14 @@ class UnpairedStream(Dataset):
         self.labels = np.array([[s.labels[c] for c in columns] for s in defects], np.float32)
         self.image_size, self.flip, self.seed = image_size, flip, seed
         self.region_prob = region_prob
+        # The label sets that occur, their defects, and how often each is drawn (set_power).
+        self.label_sets, which, counts = np.unique(
+            self.labels, axis=0, return_inverse=True, return_counts=True
+        )
+        self.set_members = [np.flatnonzero(which.ravel() == k) for k in range(len(counts))]
+        weights = counts.astype(np.float64) ** set_power
+        self.set_probabilities = weights / weights.sum()
+        self.set_power = set_power
 
     def __len__(self) -> int:  # the stream is infinite; this is one pass over the defects
         return len(self.defects)
@@ -106,13 +115,23 @@ class UnpairedStream(Dataset):
         normal = load_image(
             self.normals[self._pick(_NORMAL, position, len(self.normals))], self.image_size
         )
-        d = self._pick(_DEFECT, position, len(self.defects))
+        if self.set_power == 1:  # every defect once per pass, in a seeded order
+            d = self._pick(_DEFECT, position, len(self.defects))
+        else:  # a label set by its weight, then one of its defects
+            draw = np.random.default_rng([self.seed, _DEFECT, position])
+            members = self.set_members[draw.choice(len(self.set_members), p=self.set_probabilities)]
+            d = int(members[draw.integers(len(members))])
         defect = load_image(self.defects[d], self.image_size)
         if self.flip:
             normal = normal[:, :, ::-1] if flips[0] else normal
             defect = defect[:, :, ::-1] if flips[1] else defect
-        # The defacement target follows the real label distribution, co-occurrence included.
-        target = self.labels[self._pick(_TARGET, position, len(self.defects))]
+        # The defacement target follows the real label distribution, co-occurrence included,
+        # or with set_power < 1 the same flatter one as the real defects above.
+        if self.set_power == 1:
+            target = self.labels[self._pick(_TARGET, position, len(self.defects))]
+        else:
+            draw = np.random.default_rng([self.seed, _TARGET, position])
+            target = self.label_sets[draw.choice(len(self.label_sets), p=self.set_probabilities)]
         # D's augmentation (dgan.train.augment), from its own stream so that the draws above
         # stay the same: per image D reads, [d, n, d', n'] in D's update and [d', n'] in G's.
         d_augment = np.random.default_rng([self.seed, _AUGMENT, position, 1]).random((6, 4))

@@ -30,6 +30,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         foreground=g.foreground,
         chroma_stride=g.chroma_stride,
         noise_gain=g.noise_gain,
+        grain=g.grain,
     )
     discriminator = Discriminator(
         config.data.image_size,

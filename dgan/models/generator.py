@@ -5,6 +5,8 @@ Encoder (stride 4) -> residual bottleneck -> decoder, as StarGAN's G, plus:
 - ANI: Gaussian noise, scaled by one learned scalar, after every conv block.
 - LWC: G paints a foreground f and a spatial distribution map m; the output is
   x * (1 - m) + f * m (Eq. 1-4).
+- Beyond the paper, grain: a third head predicts a per-pixel amplitude, up to a cap, of fresh
+  Gaussian noise added to f's grey before its tanh, so G can give a surface grit where it paints.
 With every switch off, G is StarGAN's: A's channels are concatenated to the input image.
 
 "Normal" is encoded as A = 0: A[c, y, x] is the presence of defect c at (y, x) (Sec. 3.1), so a
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from dgan.models.speedups import Conv3x3, spread_border
 
+GRAIN_BIAS = -4.0  # sigmoid(-4) = 0.018: grain starts nearly off
 OFFSET_LIMIT = 0.999  # atanh of pixels at +-1 is infinite; 0.999 maps to +-3.8
 # None (the global RNG), one generator for the batch, or one per image (synthesis: output i then
 # depends only on its own seed, whatever the batch it is computed in).
@@ -55,6 +58,18 @@ def instance_norm(channels: int, affine: bool = True) -> nn.InstanceNorm2d:
     return nn.InstanceNorm2d(channels, affine=affine, track_running_stats=False)
 
 
+def draw_noise(
+    like: Tensor, generator: NoiseGenerator, channels: int = 1, dtype: torch.dtype | None = None
+) -> Tensor:
+    """N(0, 1) of shape (B, channels, H, W) for a batch like `like`, from the global RNG, one
+    generator for the batch, or one generator per image."""
+    b, _, h, w = like.shape
+    kw = {"device": like.device, "dtype": dtype or like.dtype}
+    if isinstance(generator, Sequence):  # one stream per image: batch-size independent
+        return torch.cat([torch.randn(1, channels, h, w, generator=g, **kw) for g in generator])
+    return torch.randn(b, channels, h, w, generator=generator, **kw)
+
+
 class NoiseInjection(nn.Module):
     """ANI: x + w * N(0, 1), one learned scalar w per injection, initialised to 0 (Sec. 3.1).
 
@@ -72,17 +87,7 @@ class NoiseInjection(nn.Module):
         return self.gain * self.noise_strength
 
     def forward(self, x: Tensor, generator: NoiseGenerator = None) -> Tensor:
-        b, _, h, w = x.shape
-        if isinstance(generator, Sequence):  # one stream per image: batch-size independent
-            noise = torch.cat(
-                [
-                    torch.randn(1, 1, h, w, device=x.device, dtype=x.dtype, generator=g)
-                    for g in generator
-                ]
-            )
-        else:
-            noise = torch.randn(b, 1, h, w, device=x.device, dtype=x.dtype, generator=generator)
-        return x + self.strength.to(x.dtype) * noise
+        return x + self.strength.to(x.dtype) * draw_noise(x, generator)
 
 
 class SPADE(nn.Module):
@@ -194,6 +199,7 @@ class Generator(nn.Module):
         foreground: str = "image",
         chroma_stride: int = 1,
         noise_gain: float = 1.0,
+        grain: float = 0.0,
     ) -> None:
         super().__init__()
         self.foreground_mode, self.chroma_stride = foreground, chroma_stride
@@ -229,6 +235,11 @@ class Generator(nn.Module):
         self.noise = nn.ModuleList(NoiseInjection(noise_gain) for _ in range(n_noise if ani else 0))
         self.to_foreground = nn.Conv2d(d, 3, 7, padding=3)
         self.to_mask = nn.Conv2d(d, 1, 7, padding=3) if lwc else None
+        # Beyond the paper: grain's amplitude a = grain * sigmoid(conv(h)), 0.018 * grain at first.
+        self.grain = grain
+        self.to_grain = nn.Conv2d(d, 1, 7, padding=3) if grain > 0 else None
+        if self.to_grain is not None:
+            nn.init.constant_(self.to_grain.bias, GRAIN_BIAS)
 
     def forward(
         self, x: Tensor, control: Control, generator: NoiseGenerator = None, noise: bool = True
@@ -253,15 +264,22 @@ class Generator(nn.Module):
             return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)
         # f's and m's 7x7 convs as one 4-channel conv: oneDNN takes about as long for 4 output
         # channels as for 3 or 1 (half the heads' cost at 128 px on a CPU).
+        convs = [self.to_foreground, self.to_mask]
+        if self.to_grain is not None:
+            convs.append(self.to_grain)
         heads = nn.functional.conv2d(
             h,
-            torch.cat([self.to_foreground.weight, self.to_mask.weight]),
-            torch.cat([self.to_foreground.bias, self.to_mask.bias]),
+            torch.cat([c.weight for c in convs]),
+            torch.cat([c.bias for c in convs]),
             padding=3,
         )
-        painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:])
+        painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:4])
         if self.chroma_stride > 1:
             painted = subsample_chroma(painted, self.chroma_stride)
+        if self.to_grain is not None and noise:
+            # the same noise in every channel: grit changes brightness, not colour
+            amplitude = self.grain * torch.sigmoid(heads[:, 4:])
+            painted = painted + amplitude * draw_noise(h, generator)
         if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
             painted = painted + torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
         foreground = torch.tanh(painted)

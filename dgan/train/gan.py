@@ -358,6 +358,7 @@ def load_training_data(config: GanConfig) -> tuple[DatasetIndex, list[str], Unpa
         config.data.flip,
         config.train.seed,
         config.train.random_region_prob,
+        config.train.set_power,
     )
     return index, classes, stream
 
