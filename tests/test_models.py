@@ -215,8 +215,9 @@ def test_grain_adds_grey_noise_of_the_predicted_amplitude_to_the_foreground_only
     with torch.no_grad():  # grain's amplitude a = 2 * sigmoid(0) = 1 everywhere
         grainy.to_grain.weight.zero_()
         grainy.to_grain.bias.zero_()
-    quiet = grainy(x, a, noise=False)
-    reference = plain(x, a, noise=False)
+    with torch.no_grad():
+        quiet = grainy(x, a, noise=False)
+        reference = plain(x, a, noise=False)
     torch.testing.assert_close(quiet.image, reference.image)  # no noise, no grain
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     with torch.no_grad():  # ANI's strengths are 0: grain is the only noise
