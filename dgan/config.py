@@ -68,15 +68,15 @@ class GeneratorConfig(Section):
     # Beyond the paper: a third head beside f and m predicts, at each pixel, the amplitude (from 0
     # up to this cap) of fresh N(0, 1) noise added to f's grey before its tanh, so that a spall's
     # grit or a bloom's crystals need not be drawn by the convs from ANI's feature noise. Drawn
-    # when ANI's noise is (generator.cycle_noise decides for the cycle's second pass). 0 is the
-    # paper's G (no such head). Needs generator.lwc.
+    # in every pass of G that draws noise (generator.cycle_noise decides for the cycle's second
+    # pass), with or without ANI. 0 is the paper's G (no such head). Needs generator.lwc.
     grain: float = Field(0.0, ge=0, le=10)
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
     lwc: bool = True  # layer-wise composition, Eq. 1-4
     # Beyond the paper: false runs the cycle's second pass (n^ and d^, Eq. 5-6) without ANI's
-    # noise. There L_rec asks d^ to repeat a real defect's texture to the pixel, so any noise
+    # noise (or grain's). There L_rec asks d^ to repeat a real defect's texture to the pixel, so any noise
     # costs L1 and G learns to turn it off everywhere, defacements included. True is the paper's.
     cycle_noise: bool = True
     sc: bool = True  # spatial constraints, Eq. 9-10 (needs lwc)

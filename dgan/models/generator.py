@@ -58,16 +58,14 @@ def instance_norm(channels: int, affine: bool = True) -> nn.InstanceNorm2d:
     return nn.InstanceNorm2d(channels, affine=affine, track_running_stats=False)
 
 
-def draw_noise(
-    like: Tensor, generator: NoiseGenerator, channels: int = 1, dtype: torch.dtype | None = None
-) -> Tensor:
-    """N(0, 1) of shape (B, channels, H, W) for a batch like `like`, from the global RNG, one
-    generator for the batch, or one generator per image."""
+def draw_noise(like: Tensor, generator: NoiseGenerator) -> Tensor:
+    """N(0, 1) of shape (B, 1, H, W) for a batch like `like` (ANI's and grain's noise), from the
+    global RNG, one generator for the batch, or one generator per image."""
     b, _, h, w = like.shape
-    kw = {"device": like.device, "dtype": dtype or like.dtype}
+    kw = {"device": like.device, "dtype": like.dtype}
     if isinstance(generator, Sequence):  # one stream per image: batch-size independent
-        return torch.cat([torch.randn(1, channels, h, w, generator=g, **kw) for g in generator])
-    return torch.randn(b, channels, h, w, generator=generator, **kw)
+        return torch.cat([torch.randn(1, 1, h, w, generator=g, **kw) for g in generator])
+    return torch.randn(b, 1, h, w, generator=generator, **kw)
 
 
 class NoiseInjection(nn.Module):
