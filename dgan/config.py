@@ -76,8 +76,9 @@ class GeneratorConfig(Section):
     ani: bool = True  # adaptive noise injection after every conv block
     lwc: bool = True  # layer-wise composition, Eq. 1-4
     # Beyond the paper: false runs the cycle's second pass (n^ and d^, Eq. 5-6) without ANI's
-    # noise (or grain's). There L_rec asks d^ to repeat a real defect's texture to the pixel, so any noise
-    # costs L1 and G learns to turn it off everywhere, defacements included. True is the paper's.
+    # noise (or grain's). There L_rec asks d^ to repeat a real defect's texture to the pixel, so
+    # any noise costs L1 and G learns to turn it off everywhere, defacements included. True is
+    # the paper's.
     cycle_noise: bool = True
     sc: bool = True  # spatial constraints, Eq. 9-10 (needs lwc)
 
