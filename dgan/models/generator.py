@@ -260,8 +260,9 @@ class Generator(nn.Module):
         if self.to_mask is None:
             foreground = torch.tanh(self.to_foreground(h))
             return GeneratorOutput(image=foreground, foreground=None, defect_mask=None)
-        # f's and m's 7x7 convs as one 4-channel conv: oneDNN takes about as long for 4 output
-        # channels as for 3 or 1 (half the heads' cost at 128 px on a CPU).
+        # f's and m's 7x7 convs (and grain's, when on) as one 4- or 5-channel conv: oneDNN takes
+        # about as long for 4 output channels as for 3 or 1 (half the heads' cost at 128 px on a
+        # CPU).
         convs = [self.to_foreground, self.to_mask]
         if self.to_grain is not None:
             convs.append(self.to_grain)
