@@ -351,13 +351,52 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
         for name in ("realism_auc", "realism_auc_restored"):
             assert 0 <= figures[name] <= 1, name
         assert 0 <= figures["restored_called_normal"] <= 1
-        assert any(k.startswith("set_accuracy_") for k in figures)
+        assert 0 <= figures["real_called_normal"] <= 1
+        sets = [k.removeprefix("set_accuracy_") for k in figures if k.startswith("set_accuracy_")]
+        assert sets
+        for g in sets:
+            assert 0 <= figures[f"real_set_accuracy_{g}"] <= 1, g
     assert report["n"] == {"train": 6, "transfer": 6}
     assert report["realism_n"] == {"train": 8, "transfer": 4}
     floors = [report["figures"][s]["realism_floor"] for s in ("train", "transfer")]
     assert 0 <= floors[0] <= 1 and floors[1] is None  # transfer's 4 defects are too few for one
     assert "0.5: it cannot tell G's images from real ones" in result.output
     assert "its floor: two halves of the real defects" in result.output
+    assert "its ceiling: real normals called defect-free" in result.output
+
+
+class PixelJudge:
+    """An inspector that calls class c present where pixel (0, c) of the red channel is bright."""
+
+    def features_and_logits(self, images):
+        logits = images[:, 0, 0, :2].float() - 0.5
+        return logits, logits
+
+
+def test_control_figures_and_their_ceilings_on_hand_made_images():
+    from dgan.evaluation.realism import RealismInputs, _inspector_calls
+
+    def images(*codes):  # each code: the classes pixel (0, c) says are present
+        out = torch.zeros(len(codes), 3, 4, 4, dtype=torch.uint8)
+        for i, code in enumerate(codes):
+            out[i, 0, 0, list(code)] = 255
+        return out
+
+    labels = torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]], dtype=torch.float32)
+    inputs = RealismInputs(
+        "train", images((0,), (1,), (0, 1), (0, 1)), labels, ["a", "a", "a-b", "a-b"],
+        images((), (), (), ()), images((), (), (), (0,)), "hand-made",
+    )  # fmt: skip
+    fakes, restored = images((0,), (0,), (0,), ()), images((1,), (), (), ())
+    figures = _inspector_calls(PixelJudge(), [0, 1], fakes, restored, inputs, "cpu")
+    assert figures == {
+        "set_accuracy_a": 1.0,  # both called exactly "a"
+        "set_accuracy_a-b": 0.0,  # one called "a" alone, one nothing
+        "real_set_accuracy_a": 0.5,  # the real "a" that reads "b" is a miss
+        "real_set_accuracy_a-b": 1.0,
+        "restored_called_normal": 0.75,
+        "real_called_normal": 0.75,  # the last real normal reads "a"
+    }
 
 
 def test_eval_synth_without_inspector_says_what_it_skips(trained):

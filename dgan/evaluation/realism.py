@@ -10,7 +10,10 @@ Restoration: the real defects restored, against as many other real normals of th
 real defects (`realism_floor`) and of the real normals (`realism_floor_normal`; NaN below 8
 images); they do not depend on G and are cached. With an inspector, the share of defacements
 called exactly their label set (`set_accuracy_<set>`) and of restorations called defect-free
-(`restored_called_normal`).
+(`restored_called_normal`), each beside the same call on the real images it stands for: the real
+defects called exactly their label set (`real_set_accuracy_<set>`) and the real normals called
+defect-free (`real_called_normal`). Those are the inspector's own ceilings: a defacement called
+its label set more often than a real defect of that set is easier to read than the real thing.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def realism_figures(
     """realism_auc (overall and per label set) and realism_auc_restored for G, with the test's
     held-out log loss of both (realism_log_loss, realism_log_loss_restored); with an
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
-    set_accuracy_<set> and restored_called_normal too."""
+    set_accuracy_<set> and restored_called_normal too, with their ceilings on the real images
+    (real_set_accuracy_<set>, real_called_normal)."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
     steps = inputs.steps
     defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups, steps=steps)
@@ -148,10 +152,14 @@ def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dic
             rows.append((logits[:, columns] > 0).cpu())
         return torch.cat(rows)
 
-    exact = (called(fakes) == inputs.labels.bool()).all(dim=1).numpy()
     groups = np.asarray(inputs.groups)
-    out = {f"set_accuracy_{g}": float(exact[groups == g].mean()) for g in dict.fromkeys(groups)}
+    out = {}
+    for prefix, images in (("", fakes), ("real_", inputs.defects)):
+        exact = (called(images) == inputs.labels.bool()).all(dim=1).numpy()
+        for g in dict.fromkeys(groups):
+            out[f"{prefix}set_accuracy_{g}"] = float(exact[groups == g].mean())
     out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
+    out["real_called_normal"] = float((~called(inputs.normals).any(dim=1)).float().mean())
     return out
 
 

@@ -63,6 +63,8 @@ METRICS: dict[str, Metric] = {
         Metric("realism_floor_normal", None, "the same test on two halves of the real normals"),
         Metric("set_accuracy", "max", "inspector calls a defacement exactly its label set", True),
         Metric("restored_called_normal", "max", "inspector calls a restoration defect-free"),
+        Metric("real_set_accuracy", None, "set_accuracy's ceiling: on real defects", True),
+        Metric("real_called_normal", None, "restored_called_normal's ceiling: on real normals"),
         # The inspector (dgan.metrics.classification), with a split prefix.
         Metric("multi_target_accuracy", "max", "CODEBRIM's exact-match accuracy"),
         Metric("macro_precision", "max", "precision averaged over categories"),
