@@ -664,6 +664,10 @@ def eval_synth(
     two halves of the real data is printed as the floor. Restorations of real defects are tested
     against real normals the same way.
 
+    With --inspector, each control figure has its ceiling beside it: the same inspector's calls
+    on the real defects of that label set, and on the real normals. A ceiling far below 1 says the
+    inspector, not G, is the weak link there.
+
     Example: dgan eval synth runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
     """
     from dgan.evaluation.synth_report import evaluate_synthesis
