@@ -161,6 +161,9 @@ class GanLossConfig(Section):
     lambda_gp: float = Field(10.0, ge=0)  # WGAN-GP (Gulrajani et al. 2017), as StarGAN
     lambda_cls_r: float = Field(2.0, ge=0)  # Eq. 11
     lambda_cls_f: float = Field(5.0, ge=0)  # Eq. 12
+    # Beyond the paper: Eq. 7 once more on each defacement's least convincing asked category
+    # (losses.weakest_category_loss), so that a two-category ask gets both (0 by default).
+    lambda_cls_f_weakest: float = Field(0.0, ge=0)
     lambda_rec: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_cyc: float = Field(5.0, ge=0)  # Eq. 12
     lambda_sd_con: float = Field(1.0, ge=0)  # Eq. 12

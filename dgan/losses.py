@@ -41,6 +41,18 @@ def classification_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
     return bce / cls_logits.shape[0]
 
 
+def weakest_category_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
+    """Beyond the paper: Eq. 7 on each defacement's least convincing asked category, -log
+    D_cls(c|x) for the asked c where it is largest, averaged over the defacements that ask for
+    any. Eq. 7 sums over the categories, so G can leave one of two asked categories faint and
+    still lower it by drawing the other one better; this term is paid on the faint one alone."""
+    asked = labels > 0.5
+    per_category = F.softplus(-cls_logits).masked_fill(~asked, float("-inf"))
+    worst = per_category.max(dim=1).values
+    rows = asked.any(dim=1)
+    return torch.where(rows, worst, torch.zeros_like(worst)).sum() / rows.sum().clamp_min(1)
+
+
 def fake_classification_loss_d(fake_cls_logits: Tensor) -> Tensor:
     """Beyond the paper: D_cls learns that G's defacements show no real defect, i.e. the
     classification loss of Eq. 6 on defaced fakes d' with every category off. Eq. 6 trains D_cls

@@ -32,6 +32,27 @@ def test_classification_loss_sums_binary_cross_entropy_over_categories_per_sampl
     assert losses.classification_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_weakest_category_loss_takes_each_defacements_least_convincing_asked_category():
+    # row 0 asks for both: -log sigmoid(-1) (the weaker, whatever the other's 3); row 1 for its
+    # first only, so the unasked category's logit of -5 does not count; row 2 asks for nothing
+    # and is left out of the mean.
+    logits = torch.tensor([[3.0, -1.0, 0.0], [2.0, 2.0, -5.0], [-9.0, -9.0, -9.0]])
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+    def nll(z):
+        return -math.log(1 / (1 + math.exp(-z)))
+
+    expected = (nll(-1.0) + nll(2.0)) / 2
+    got = losses.weakest_category_loss(logits, labels).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # the term moves only the weaker category's logit
+    logits.requires_grad_(True)
+    losses.weakest_category_loss(logits, labels).backward()
+    assert logits.grad[0, 0].item() == 0.0 and logits.grad[0, 1].item() < 0
+    assert logits.grad[2].abs().sum().item() == 0.0
+    assert losses.weakest_category_loss(logits[2:], labels[2:]).item() == 0.0
+
+
 def test_fake_classification_loss_for_d_is_the_classification_loss_with_every_category_off():
     logits = torch.tensor([[0.0, 2.0], [-1.0, 3.0]])
     p = [[1 / (1 + math.exp(-z)) for z in row] for row in logits.tolist()]

@@ -25,16 +25,46 @@ def with_stripes(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_two_halves_of_one_set_are_about_indistinguishable(surfaces, one_thread):
-    result = halves_test(surfaces, seed=0, steps=150)
+def on_one_thread(test, *args, **kwargs):
+    """test(*args, **kwargs) on one thread, as the one_thread fixture runs a test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return test(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def halves(surfaces):
+    """halves(seed): the 150-step halves test of `surfaces` at that seed, run once per module."""
+    results = {}
+
+    def run(seed: int):
+        if seed not in results:
+            results[seed] = on_one_thread(halves_test, surfaces, seed=seed, steps=150)
+        return results[seed]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def striped(surfaces):
+    """The 150-step test of the first half of `surfaces` against the second half with faint
+    stripes, run once per module."""
+    half = len(surfaces) // 2
+    altered = with_stripes(surfaces[half:])
+    return on_one_thread(two_sample_test, surfaces[:half], altered, seed=0, steps=150)
+
+
+def test_two_halves_of_one_set_are_about_indistinguishable(halves, one_thread):
+    result = halves(0)
     assert result.n == 200
     assert abs(result.auc - 0.5) < 0.15, result.auc
 
 
-def test_a_set_against_a_visibly_altered_copy_is_told_apart(surfaces, one_thread):
-    half = len(surfaces) // 2
-    result = two_sample_test(surfaces[:half], with_stripes(surfaces[half:]), seed=0, steps=150)
-    assert result.auc > 0.95, result.auc
+def test_a_set_against_a_visibly_altered_copy_is_told_apart(striped, one_thread):
+    assert striped.auc > 0.95, striped.auc
 
 
 def test_groups_are_scored_on_their_own_held_out_items(surfaces, one_thread):
@@ -57,23 +87,22 @@ def test_too_few_images_are_refused():
         two_sample_test(torch.zeros(3, 3, 8, 8), torch.zeros(3, 3, 8, 8))
 
 
-def test_log_loss_ranks_two_altered_copies_that_the_auc_ties(surfaces, one_thread):
+def test_log_loss_ranks_two_altered_copies_that_the_auc_ties(surfaces, striped, one_thread):
     half = len(surfaces) // 2
     real, rest = surfaces[:half], surfaces[half:]
-    faint = with_stripes(rest)
     strong = with_stripes(with_stripes(with_stripes(rest)))  # +120 on every fourth row
-    mild = two_sample_test(real, faint, seed=0, steps=150)
+    mild = striped  # +40 on every fourth row
     far = two_sample_test(real, strong, seed=0, steps=150)
     assert mild.auc > 0.95 and far.auc > 0.95  # both told apart...
     assert far.log_loss < mild.log_loss < 0.693  # ...but the bolder stripes more confidently
 
 
-def test_log_loss_of_two_halves_of_one_set_never_falls_well_below_chance(surfaces, one_thread):
+def test_log_loss_of_two_halves_of_one_set_never_falls_well_below_chance(halves, one_thread):
     # Two halves of one set cannot be told apart, so the held-out log loss must not fall toward
     # 0. It may pass ln 2 where the classifier overfits its half (0.68-1.71 over seeds 0-3 at 150
     # steps, by machine), as dgan.metrics.realism says; the AUC is the figure to read then.
     for seed in range(3):
-        result = halves_test(surfaces, seed=seed, steps=150)
+        result = halves(seed)
         assert result.log_loss > 0.693 - 0.15, (seed, result)
         assert abs(result.auc - 0.5) < 0.15, (seed, result)
 

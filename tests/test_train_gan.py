@@ -571,6 +571,34 @@ def test_g_step_adds_the_binary_mask_term_on_both_first_pass_maps_at_its_weight(
 
 
 @pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_g_step_adds_eq7_on_each_defacements_weakest_asked_category_at_its_weight(
+    weight, tiny_folder
+):
+    # loss.lambda_cls_f_weakest (beyond the paper): Eq. 7 once more on the asked category that
+    # D_cls believes least in each defacement d', carried by g_total at its weight.
+    from dgan.train.gan import first_pass, g_step
+
+    config = tiny_gan_config(
+        tiny_folder, "generator.ani=false", f"loss.lambda_cls_f_weakest={weight}"
+    )
+    accelerator, batch, nets = one_batch_and_nets(config)
+    first = first_pass(nets, batch, config)
+    with torch.no_grad():
+        _, cls = nets.D_raw(first.image[: batch["normal"].shape[0]].detach(), None)
+    c = batch["target_labels"].shape[1]
+    expected = losses.weakest_category_loss(cls[:, :c], batch["target_labels"]) if weight else 0.0
+    terms = g_step(nets, batch, config, accelerator, first)
+    torch.testing.assert_close(
+        terms["g_cls_f_weakest"].detach(), torch.as_tensor(expected), rtol=1e-4, atol=1e-5
+    )
+    beyond = terms["g_total"] - weighted_sum_without_optional_terms(terms, config.loss)
+    torch.testing.assert_close(
+        beyond.detach(), weight * torch.as_tensor(expected), rtol=1e-4, atol=1e-4
+    )
+    assert weight == 0 or expected > 0
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_g_step_rewards_defacement_maps_that_differ_between_two_noise_draws(weight, tiny_folder):
     # loss.lambda_diversity (beyond the paper): G defaces the same normals with the same A once
     # more, with a second draw of ANI's noise; g_diversity is -mean min(|m1 - m2|, cap) over the

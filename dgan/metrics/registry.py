@@ -24,8 +24,8 @@ Direction = Literal["min", "max"]
 # Defect-GAN's loss terms as the trainer logs them (dgan.train.gan's d_step and g_step).
 GAN_D_TERMS = ("d_adv", "d_gp", "d_cls_r", "d_cls_fake", "d_cls_restored", "d_total")
 GAN_G_TERMS = (
-    "g_adv", "g_cls_f", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside", "g_binary", "g_diversity",
-    "g_total",
+    "g_adv", "g_cls_f", "g_cls_f_weakest", "g_rec", "g_sd_cyc", "g_sd_con", "g_outside",
+    "g_binary", "g_diversity", "g_total",
 )  # fmt: skip
 
 

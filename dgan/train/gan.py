@@ -227,6 +227,12 @@ def g_step(
         terms["g_cls_f"] = terms["g_cls_f"] + losses.classification_loss(
             restored, torch.zeros_like(restored)
         ) * (restored.shape[0] / cls.shape[0])
+    if lw.lambda_cls_f_weakest > 0:
+        terms["g_cls_f_weakest"] = losses.weakest_category_loss(
+            cls[:b, : zeros.shape[1]].float(), c_target
+        )
+    else:
+        terms["g_cls_f_weakest"] = n.new_zeros(())
     if use_sc:
         # first.defect_mask = [m_d | m_n]; second = [m_n^ | m_d^]: each map against its inverse.
         terms["g_sd_cyc"] = losses.sd_cycle_loss(first.defect_mask, second.defect_mask)
@@ -249,6 +255,7 @@ def g_step(
     terms["g_total"] = (
         terms["g_adv"]
         + lw.lambda_cls_f * terms["g_cls_f"]
+        + lw.lambda_cls_f_weakest * terms["g_cls_f_weakest"]
         + lw.lambda_rec * terms["g_rec"]
         + lw.lambda_sd_cyc * terms["g_sd_cyc"] * use_sc
         + lw.lambda_sd_con * terms["g_sd_con"] * use_sc
