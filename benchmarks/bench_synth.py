@@ -51,7 +51,7 @@ def make_generator(work: Path, presets: list[str], size: int) -> Path:
 
     config = load_config("gan", presets, [f"data.image_size={size}", f"data.root={work}"])
     classes = ["crack", "spallation", "efflorescence", "exposed_bars", "corrosion_stain"]
-    G, _ = build_gan(config, len(classes))
+    G, _ = build_gan(config, classes)
     for injection in G.noise:  # noise on, as in a trained model
         torch.nn.init.constant_(injection.noise_strength, 0.1)
     return save_generator(G.eval(), config, classes, work / "generator")

@@ -20,10 +20,11 @@ import time
 import torch
 
 from dgan.config import load_config
+from dgan.data import CODEBRIM_CLASSES
 from dgan.run.launch import make_accelerator
 from dgan.train.gan import build_nets, d_step, first_pass, g_step, update_ema
 
-CLASSES = 5
+CLASSES = list(CODEBRIM_CLASSES)  # names: a preset may paint layered label sets
 
 
 class Step:
@@ -47,11 +48,12 @@ class Step:
         self.batch = {
             "normal": rand(half, 3, size, size) * 2 - 1,
             "defect": rand(half, 3, size, size) * 2 - 1,
-            "defect_labels": (rand(half, CLASSES) > 0.5).float(),
-            "target_labels": (rand(half, CLASSES) > 0.5).float(),
+            "defect_labels": (rand(half, len(CLASSES)) > 0.5).float(),
+            "target_labels": (rand(half, len(CLASSES)) > 0.5).float(),
             "alpha": rand(half, 2),
             "region": torch.zeros(half, 5, device=device),
             "d_augment": rand(half, 6, 4),
+            "layer_draw": rand(half),
         }
 
     def d(self) -> None:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.run_dir / 'config.yaml'} is not a config this dgan reads:\n{err}")
         return 2
     state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
-    G, _ = build_gan(config, len(state["classes"]))
+    G, _ = build_gan(config, state["classes"])
     G.load_state_dict(state["G_ema"] or state["G"])
     G.eval()
     index = open_dataset(args.data or config.data.root)

@@ -81,6 +81,17 @@ class GeneratorConfig(Section):
     # the paper's.
     cycle_noise: bool = True
     sc: bool = True  # spatial constraints, Eq. 9-10 (needs lwc)
+    # Beyond the paper: how G paints a label set that spans more than one layer (see `layers`).
+    # "joint" is the paper's: one pass of G under the multi-hot A. "layered": two passes, the second
+    # on the first's output, Eq. 4 applied twice: first the set without one of its layers, then
+    # that layer on top. Training puts one of the set's layers on top at random, inference the
+    # last in layer order; D judges the composite under the whole set. A set of one layer takes one
+    # pass either way. Costs one more pass of G over the normals in each step. Needs lwc.
+    label_sets: Literal["joint", "layered"] = "joint"
+    # With label_sets "layered": categories painted together as one layer, the layers listed in
+    # painting order (e.g. exposed bars with the spallation they show through). Every category not
+    # listed is a layer of its own, painted after these in A's channel order.
+    layers: list[list[str]] = []
 
 
 class DiscriminatorConfig(Section):
@@ -322,6 +333,18 @@ class GanConfig(Section):
             raise ValueError(
                 f"generator.grain={g.grain} adds noise to the foreground f, which needs "
                 "generator.lwc=true; turn it on or set generator.grain=0"
+            )
+        label_sets = g.label_sets
+        if label_sets == "layered" and not g.lwc:
+            raise ValueError(
+                "generator.label_sets=layered paints one layer over another with Eq. 4, which "
+                "needs generator.lwc=true; turn it on or set generator.label_sets=joint"
+            )
+        if g.layers and label_sets != "layered":
+            raise ValueError(
+                "generator.layers groups categories into layers for generator.label_sets=layered, "
+                f"but label_sets is {label_sets}; set generator.label_sets=layered or "
+                "generator.layers=[]"
             )
         if self.loss.rec_region != "image" and not g.lwc:
             raise ValueError(

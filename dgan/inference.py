@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from dgan.errors import DganError
-from dgan.models.generator import Generator
+from dgan.models.generator import Generator, split_top_layer, stack_layers
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end-exclusive
 
@@ -74,6 +74,8 @@ def deface(
     """Defect images and their spatial distribution maps m for normals (B, 3, H, W) in [-1, 1].
 
     `labels` (B, C) are multi-hot target categories; `region` restricts where (see region_mask).
+    With layered label sets (generator.label_sets), a set of two layers or more is painted in two
+    passes: its last layer, in painting order, over the others.
     `seed`: an int seeds the batch's noise; one int per image makes image i depend only on its
     own seed, whatever batch it is computed in.
     Without LWC there is no m; the returned map is then the normalised change |d - n|.
@@ -84,12 +86,20 @@ def deface(
             f"labels must have shape ({b}, {generator.num_classes}), got {tuple(labels.shape)}"
         )
     labels = labels.to(normals)
-    if region is None:  # the label at every pixel: G's cheap label form of A
-        control = labels
-    else:
-        control = control_map(labels, region_mask(region, b, h, w).to(normals))
-    out = generator(normals, control, _noise_generator(normals.device, seed))
-    return out.image, _mask_of(out, normals)
+    where = None if region is None else region_mask(region, b, h, w).to(normals)
+
+    def control(asked: Tensor) -> Tensor:  # labels alone are G's cheap form of A everywhere
+        return asked if where is None else control_map(asked, where)
+
+    noise = _noise_generator(normals.device, seed)
+    if generator.layers is None:
+        out = generator(normals, control(labels), noise)
+        return out.image, _mask_of(out, normals)
+    # A layered label set: its last layer, in painting order, over the others (split_top_layer).
+    under, top, stacked = split_top_layer(labels, generator.layers, labels.new_ones(b))
+    first = generator(normals, control(under), noise)
+    out = stack_layers(first, generator(first.image, control(top), noise), stacked)
+    return out.image, out.defect_mask
 
 
 @torch.inference_mode()

@@ -12,6 +12,8 @@ from dgan.models.generator import (
     NoiseInjection,
     compose,
     control_map_from_labels,
+    layer_of_categories,
+    split_top_layer,
     subsample_chroma,
 )
 from dgan.models.speedups import Conv3x3, DownConv
@@ -203,7 +205,7 @@ def test_noise_gain_scales_what_an_optimizer_step_does_to_each_noise_strength():
     from dgan.config import load_config
     from dgan.models import build_gan
 
-    built, _ = build_gan(load_config("gan", ["demo"], ["generator.noise_gain=30"]), C)
+    built, _ = build_gan(load_config("gan", ["demo"], ["generator.noise_gain=30"]), CLASSES)
     assert built.noise and all(n.gain == 30 for n in built.noise)
 
 
@@ -241,7 +243,7 @@ def test_grain_adds_grey_noise_of_the_predicted_amplitude_to_the_foreground_only
     from dgan.config import load_config
     from dgan.models import build_gan
 
-    built, _ = build_gan(load_config("gan", ["demo"], ["generator.grain=0.5"]), C)
+    built, _ = build_gan(load_config("gan", ["demo"], ["generator.grain=0.5"]), CLASSES)
     assert built.to_grain is not None and built.grain == 0.5
     with pytest.raises(DganError, match="generator.grain=0.5 adds noise to the foreground f"):
         load_config(
@@ -288,6 +290,76 @@ def test_deface_places_the_label_only_inside_the_asked_box():
 def test_out_of_range_or_empty_boxes_are_refused(box):
     with pytest.raises(DganError, match="outside"):
         region_mask([[box]], 1, 16, 16)
+
+
+CLASSES = ["crack", "spallation", "efflorescence", "exposed_bars", "corrosion_stain"]
+
+
+def test_layers_are_the_listed_groups_in_order_then_each_other_category_alone():
+    assert layer_of_categories(CLASSES, [["spallation", "exposed_bars"]]) == [1, 0, 2, 0, 3]
+    assert layer_of_categories(CLASSES, []) == [0, 1, 2, 3, 4]
+    assert layer_of_categories(CLASSES, [["corrosion_stain"], ["crack"]]) == [1, 2, 3, 4, 0]
+    with pytest.raises(DganError, match=r"'rust', which is not among the categories \(crack, "):
+        layer_of_categories(CLASSES, [["spallation", "rust"]])
+    with pytest.raises(DganError, match="puts 'crack' in two layers"):
+        layer_of_categories(CLASSES, [["crack"], ["spallation", "crack"]])
+
+
+def test_the_drawn_layer_of_a_set_goes_on_top_and_a_one_layer_set_stays_whole():
+    layers = torch.eye(4)[layer_of_categories(CLASSES, [["spallation", "exposed_bars"]])]
+    labels = torch.tensor(
+        [
+            [1, 1, 0, 1, 1],  # crack, spallation + bars, corrosion: three layers
+            [1, 1, 0, 1, 1],
+            [1, 1, 0, 1, 1],
+            [0, 1, 0, 1, 0],  # spallation + bars: one layer
+            [1, 0, 0, 0, 1],  # crack + corrosion: two layers
+        ],
+        dtype=torch.float32,
+    )
+    # painting order: spallation + bars, crack, corrosion; draw d picks the floor(d * K)-th
+    draw = torch.tensor([0.0, 0.5, 1.0, 0.99, 0.49])
+    under, top, stacked = split_top_layer(labels, layers, draw)
+    assert stacked.tolist() == [True, True, True, False, True]
+    expected_top = torch.tensor(
+        [[0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]],
+        dtype=torch.float32,
+    )
+    assert torch.equal(top, expected_top)
+    assert torch.equal(under + top, labels)  # nothing asked is lost or added
+
+
+def test_layered_defacement_paints_the_last_layer_over_the_rest_and_one_layer_sets_once():
+    layer_of = layer_of_categories(CLASSES, [["spallation", "exposed_bars"]])
+    G = tiny(ani=False, layer_of=layer_of)
+    joint = tiny(ani=False)
+    assert torch.equal(G.layers, torch.eye(4)[layer_of])
+    assert "layers" not in G.state_dict()  # the checkpoint is that of a joint G
+    normals = torch.rand(3, 3, 16, 16) * 2 - 1
+    labels = torch.tensor([[1, 0, 0, 0, 1], [0, 1, 0, 1, 0], [1, 1, 0, 1, 0]], dtype=torch.float32)
+    images, masks = deface(G, normals, labels)
+    with torch.no_grad():
+        # crack + corrosion: crack, then corrosion over it (the later layer in painting order)
+        crack = joint(normals[:1], torch.eye(C)[[0]])
+        over = joint(crack.image, torch.eye(C)[[4]])
+        torch.testing.assert_close(images[:1], over.image)
+        union = 1 - (1 - crack.defect_mask) * (1 - over.defect_mask)
+        torch.testing.assert_close(masks[:1], union)
+        # spallation + bars is one layer: one pass, as a joint G paints it
+        one = joint(normals[1:2], labels[1:2])
+        torch.testing.assert_close(images[1:2], one.image)
+        torch.testing.assert_close(masks[1:2], one.defect_mask)
+        # crack over spallation + bars, the spallation layer being first in painting order
+        spall = joint(normals[2:], labels[2:] * torch.tensor([0, 1, 0, 1, 0.0]))
+        torch.testing.assert_close(images[2:], joint(spall.image, torch.eye(C)[[0]]).image)
+    # a box holds both layers: each pass is asked for its layer inside the box only
+    seen = []
+    G.register_forward_pre_hook(lambda _, args: seen.append(args[1]))
+    deface(G, normals[:1], labels[:1], region=[[(2, 2, 8, 8)]])
+    where = region_mask([[(2, 2, 8, 8)]], 1, 16, 16)
+    assert len(seen) == 2
+    assert torch.equal(seen[0], torch.eye(C)[[0], :, None, None] * where)
+    assert torch.equal(seen[1], torch.eye(C)[[4], :, None, None] * where)
 
 
 def test_deface_refuses_labels_of_the_wrong_width():

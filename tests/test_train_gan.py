@@ -197,9 +197,37 @@ def test_unknown_category_is_refused_naming_the_dataset_classes(tiny_folder, wor
         run_gan(tiny_gan_config(tiny_folder, "data.classes=[crack, rust]"), quiet=True)
 
 
+def test_a_layer_naming_an_unknown_category_is_refused_before_a_run_directory_exists(
+    tiny_folder, workdir
+):
+    config = tiny_gan_config(
+        tiny_folder, "generator.label_sets=layered", "generator.layers=[[spallation, rust]]"
+    )
+    with pytest.raises(DganError, match=r"'rust', which is not among the categories \(crack, sp"):
+        run_gan(config, quiet=True)
+    assert not (workdir / "runs").exists()
+
+
+def test_a_layered_run_saves_a_generator_that_paints_in_its_layers(tiny_folder, workdir):
+    from dgan.models.export import load_generator
+
+    config = tiny_gan_config(tiny_folder, "train.iterations=5", *LAYERED)
+    run_dir = run_gan(config, quiet=True).run_dir
+    G, saved, classes = load_generator(run_dir / "generator")
+    assert saved.generator.label_sets == "layered"
+    # spallation and bars one layer, painted first; then crack, efflorescence, corrosion
+    assert G.layers.argmax(1).tolist() == [1, 0, 2, 0, 3]
+    state = torch.load(ckpt.list_checkpoints(run_dir)[-1] / "state.pt", weights_only=True)
+    assert "layers" not in state["G"]  # the checkpoint is that of a joint G
+
+
 def _cli(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([*DGAN, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+LAYERED_WITHOUT_LWC = [f"--set=generator.{kv}" for kv in ("label_sets=layered", "lwc=false",
+                                                           "sc=false", "grain=0")]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -210,6 +238,11 @@ def _cli(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
         (["--set", "train.batch_size=3"], "must be even"),
         (["--set", "train.bogus=1"], "train.bogus: unknown key; allowed here: batch_size"),
         (["--set", "generator.sc=true", "--set", "generator.lwc=false"], "needs generator.lwc"),
+        (["--set", "generator.layers=[[crack]]"], "but label_sets is joint; set generator.lab"),
+        (
+            LAYERED_WITHOUT_LWC,
+            "paints one layer over another with Eq. 4, which needs generator.lwc",
+        ),
         (["--config", "nope"], "Presets: demo, paper, table2/full"),
     ],
 )
@@ -348,9 +381,14 @@ def test_minibatch_std_is_checked_against_each_processs_share_of_the_batch(tiny_
                                         "discriminator.minibatch_std=4"), 2)  # fmt: skip
 
 
-def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_folder):
+LAYERED = ("generator.label_sets=layered", "generator.layers=[[spallation, exposed_bars]]")
+
+
+@pytest.mark.parametrize("layers", [(), LAYERED], ids=["joint", "layered"])
+def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(layers, tiny_folder):
     # The training loop runs G's first pass once on G's iterations and hands it to both steps;
-    # that must be the very update of running it inside each step (noise off, same batch).
+    # that must be the very update of running it inside each step (noise off, same batch), with
+    # layered label sets too.
     from dgan.data.loader import gan_loader
     from dgan.run.launch import make_accelerator
     from dgan.train.gan import (
@@ -362,14 +400,16 @@ def test_g_iteration_reusing_the_first_pass_equals_running_it_in_each_step(tiny_
         to_device,
     )
 
-    config = tiny_gan_config(tiny_folder, "generator.ani=false")
+    config = tiny_gan_config(tiny_folder, "generator.ani=false", *layers)
     accelerator = make_accelerator("gan", config.train.mixed_precision, None)
     _, classes, stream = load_training_data(config)
     batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
-    initial = build_nets(config, len(classes), accelerator).G_raw.to_foreground.weight.clone()
+    if layers:  # a set of two layers, so that the step paints one over the other
+        batch["target_labels"][0] = torch.tensor([1.0, 1, 0, 1, 0])
+    initial = build_nets(config, classes, accelerator).G_raw.to_foreground.weight.clone()
     results = []
     for shared in (False, True):
-        nets = build_nets(config, len(classes), accelerator)
+        nets = build_nets(config, classes, accelerator)
         first = first_pass(nets, batch, config) if shared else None
         terms = d_step(nets, batch, config, accelerator, first)
         terms |= g_step(nets, batch, config, accelerator, first)
@@ -393,7 +433,37 @@ def one_batch_and_nets(config):
     accelerator = make_accelerator("gan", config.train.mixed_precision, None)
     _, classes, stream = load_training_data(config)
     batch = to_device(next(iter(gan_loader(stream, 2, 0, 1))), accelerator.device)
-    return accelerator, batch, build_nets(config, len(classes), accelerator)
+    return accelerator, batch, build_nets(config, classes, accelerator)
+
+
+def test_layered_defacement_paints_the_drawn_layer_over_the_rest_of_the_set(tiny_folder):
+    # generator.label_sets=layered: d' of a set of two layers or more is G's pass over G's pass,
+    # the layer that the batch's layer_draw picks on top; a one-layer set is one pass, and the
+    # restorations n' are the joint pass's. The cycle, D and the losses read that composite.
+    from dgan.train.gan import first_pass, g_step
+
+    config = tiny_gan_config(tiny_folder, "generator.ani=false", *LAYERED)
+    accelerator, batch, nets = one_batch_and_nets(config)
+    assert batch["layer_draw"].min() >= 0 and batch["layer_draw"].max() < 1  # the loader's draw
+    # crack + spallation + bars (two layers), and spallation + bars alone (one layer)
+    batch["target_labels"] = torch.tensor([[1.0, 1, 0, 1, 0], [0, 1, 0, 1, 0]])
+    batch["layer_draw"] = torch.tensor([0.2, 0.9])  # layer 0 of [spallation + bars, crack]
+    n, d = batch["normal"], batch["defect"]
+    first = first_pass(nets, batch, config)
+    crack, spall = torch.eye(5)[[0]], torch.tensor([[0.0, 1, 0, 1, 0]])
+    with torch.no_grad():
+        G = nets.G_raw
+        under = G(torch.cat([n, d]), [torch.cat([crack, spall]), torch.zeros(2, 5)])
+        over = G(under.image[:1], spall)
+        expected = torch.cat([over.image, under.image[1:]])
+    torch.testing.assert_close(first.image.detach(), expected)
+    union = 1 - (1 - under.defect_mask[:1]) * (1 - over.defect_mask)
+    torch.testing.assert_close(first.defect_mask[:1].detach(), union)
+    torch.testing.assert_close(first.defect_mask[1:].detach(), under.defect_mask[1:])
+    assert not torch.equal(first.image[:1], G(n[:1], batch["target_labels"][:1]).image)
+    terms = g_step(nets, batch, config, accelerator, first)
+    assert torch.isfinite(terms["g_total"])
+    torch.testing.assert_close(terms["mask_mean"].detach(), first.defect_mask[:2].mean().detach())
 
 
 def test_g_step_asks_restorations_to_score_not_restored_on_ds_extra_logit(tiny_folder):

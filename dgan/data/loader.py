@@ -135,6 +135,8 @@ class UnpairedStream(Dataset):
         # D's augmentation (dgan.train.augment), from its own stream so that the draws above
         # stay the same: per image D reads, [d, n, d', n'] in D's update and [d', n'] in G's.
         d_augment = np.random.default_rng([self.seed, _AUGMENT, position, 1]).random((6, 4))
+        # Which layer of a layered label set G paints on top (generator.label_sets), likewise.
+        layer_draw = np.random.default_rng([self.seed, _AUGMENT, position, 2]).random()
         return {
             "normal": torch.from_numpy(np.ascontiguousarray(normal)),
             "defect": torch.from_numpy(np.ascontiguousarray(defect)),
@@ -143,6 +145,7 @@ class UnpairedStream(Dataset):
             "alpha": torch.from_numpy(alpha),
             "region": torch.tensor(box, dtype=torch.float32),
             "d_augment": torch.from_numpy(d_augment.astype(np.float32)),
+            "layer_draw": torch.tensor(layer_draw, dtype=torch.float32),
         }
 
 

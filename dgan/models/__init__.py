@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -10,12 +11,20 @@ if TYPE_CHECKING:
     from dgan.models.generator import Generator
 
 
-def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discriminator]:
-    """G and D as the config describes them."""
+def build_gan(config: GanConfig, classes: int | Sequence[str]) -> tuple[Generator, Discriminator]:
+    """G and D as the config describes them, for these categories (names, or only their count
+    where the config paints no layered label sets)."""
+    from dgan.errors import DganError
     from dgan.models.discriminator import Discriminator
-    from dgan.models.generator import Generator
+    from dgan.models.generator import Generator, layer_of_categories
 
     g, d = config.generator, config.discriminator
+    num_classes = classes if isinstance(classes, int) else len(classes)
+    layer_of = None
+    if g.label_sets == "layered":
+        if isinstance(classes, int):
+            raise DganError("a generator with layered label sets needs its categories' names")
+        layer_of = layer_of_categories(classes, g.layers)
     generator = Generator(
         num_classes,
         conv_dim=g.conv_dim,
@@ -31,6 +40,7 @@ def build_gan(config: GanConfig, num_classes: int) -> tuple[Generator, Discrimin
         chroma_stride=g.chroma_stride,
         noise_gain=g.noise_gain,
         grain=g.grain,
+        layer_of=layer_of,
     )
     discriminator = Discriminator(
         config.data.image_size,

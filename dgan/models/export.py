@@ -51,6 +51,6 @@ def load_generator(directory: Path, device: str = "cpu") -> tuple[Generator, Gan
         raise DganError(f"{directory} is not a generator directory: missing {', '.join(missing)}")
     config = GanConfig.model_validate(yaml.safe_load(files[1].read_text()))
     classes = json.loads(files[2].read_text())
-    G, _ = build_gan(config, len(classes))
+    G, _ = build_gan(config, classes)
     G.load_state_dict(load_file(str(files[0]), device=device))
     return G.to(device).eval(), config, classes

@@ -7,6 +7,8 @@ Encoder (stride 4) -> residual bottleneck -> decoder, as StarGAN's G, plus:
   x * (1 - m) + f * m (Eq. 1-4).
 - Beyond the paper, grain: a third head predicts a per-pixel amplitude, up to a cap, of fresh
   Gaussian noise added to f's grey before its tanh, so G can give a surface grit where it paints.
+- Beyond the paper, layered label sets: a set of categories from several layers is painted in
+  two passes of G, one layer on top of the rest (split_top_layer, stack_layers).
 With every switch off, G is StarGAN's: A's channels are concatenated to the input image.
 
 "Normal" is encoded as A = 0: A[c, y, x] is the presence of defect c at (y, x) (Sec. 3.1), so a
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dgan.errors import DganError
 from dgan.models.speedups import Conv3x3, spread_border
 
 GRAIN_BIAS = -4.0  # sigmoid(-4) = 0.018: grain starts nearly off
@@ -198,8 +201,16 @@ class Generator(nn.Module):
         chroma_stride: int = 1,
         noise_gain: float = 1.0,
         grain: float = 0.0,
+        layer_of: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        # Layered label sets: layers (C, K), category c in layer k, K layers in painting order.
+        # Not in the state dict: it follows from the config and the classes.
+        if layer_of is None:
+            self.layers: Tensor | None = None
+        else:
+            one_hot = nn.functional.one_hot(torch.tensor(list(layer_of)), max(layer_of) + 1)
+            self.register_buffer("layers", one_hot.float(), persistent=False)
         self.foreground_mode, self.chroma_stride = foreground, chroma_stride
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
         c, d = num_classes, conv_dim
@@ -287,6 +298,62 @@ class Generator(nn.Module):
             foreground=foreground,
             defect_mask=defect_mask,
         )
+
+
+def layer_of_categories(classes: Sequence[str], layers: Sequence[Sequence[str]]) -> list[int]:
+    """Each category's layer, in painting order: the listed groups first, then every other
+    category alone in A's channel order. Unknown or repeated names are refused."""
+    layer_of: dict[str, int] = {}
+    for k, group in enumerate(layers):
+        for name in group:
+            if name not in classes:
+                raise DganError(
+                    f"generator.layers names {name!r}, which is not among the categories "
+                    f"({', '.join(classes)}); use those names",
+                    exit_code=2,
+                )
+            if name in layer_of:
+                raise DganError(
+                    f"generator.layers puts {name!r} in two layers; list each category once",
+                    exit_code=2,
+                )
+            layer_of[name] = k
+    k = len(layers)
+    for name in classes:
+        if name not in layer_of:
+            layer_of[name], k = k, k + 1
+    return [layer_of[name] for name in classes]
+
+
+def split_top_layer(labels: Tensor, layers: Tensor, draw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(under, top, stacked) for multi-hot labels (B, C) and the layers (C, K) of a generator.
+
+    `top` keeps the asked categories of one layer of the set: among the set's layers in painting
+    order, the one at fraction draw (B,) in [0, 1] (1: the last). `under` keeps the rest, and
+    `stacked` (B,) is true where the set has two layers or more; elsewhere top is 0 and under is
+    the whole set. Device ops only: no host sync.
+    """
+    present = labels @ layers.to(labels) > 0  # (B, K)
+    count = present.sum(1)
+    stacked = count >= 2
+    pick = torch.minimum((draw.to(labels) * count).floor(), count - 1)
+    chosen = present & (present.cumsum(1) - 1 == pick[:, None])
+    top = labels * (chosen.to(labels) @ layers.to(labels).T) * stacked[:, None].to(labels)
+    return labels - top, top, stacked
+
+
+def stack_layers(under: GeneratorOutput, top: GeneratorOutput, stacked: Tensor) -> GeneratorOutput:
+    """A layered defacement: where `stacked`, `top` (G's pass over under.image), else `under`.
+
+    top.image is Eq. 4 over under.image, so the image is x (1 - m_u)(1 - m_t) + ...: it departs
+    from x on the union of the two maps, 1 - (1 - m_u)(1 - m_t), which is returned as m."""
+    where = stacked[:, None, None, None]
+    union = 1 - (1 - under.defect_mask) * (1 - top.defect_mask)
+    return GeneratorOutput(
+        image=torch.where(where, top.image, under.image),
+        foreground=None,
+        defect_mask=torch.where(where, union, under.defect_mask),
+    )
 
 
 def subsample_chroma(painted: Tensor, stride: int) -> Tensor:

@@ -234,7 +234,7 @@ def load_generator_from(source: ModelSource, device: str = "cpu"):
     if "G" not in state:
         raise DganError(f"{source.checkpoint} is not a Defect-GAN checkpoint (no generator)")
     classes = list(state["classes"])
-    G, _ = build_gan(config, len(classes))
+    G, _ = build_gan(config, classes)
     G.load_state_dict(state["G_ema"] or state["G"])
     return G.to(device).eval(), config, classes
 

@@ -2,12 +2,14 @@
 
 One iteration is one D update (Eq. 11); every `n_critic`-th iteration also updates G (Eq. 12)
 through both cycles, n -> d -> n^ and d -> n -> d^. The two cycles run as two batched G
-forwards: first [n | d] under [A_target | 0], then the results under [0 | A_real].
+forwards: first [n | d] under [A_target | 0], then the results under [0 | A_real]. With layered
+label sets (generator.label_sets), a third forward paints the top layer of each defacement.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ from dgan.events import Events
 from dgan.io import atomic_save_image
 from dgan.metrics.registry import GAN_D_TERMS, GAN_G_TERMS
 from dgan.models import build_gan
-from dgan.models.generator import Generator, GeneratorOutput, control_map_from_labels
+from dgan.models.generator import (
+    Generator,
+    GeneratorOutput,
+    control_map_from_labels,
+    layer_of_categories,
+    split_top_layer,
+    stack_layers,
+)
 from dgan.run.harness import Cadence, Export, TrainingJob
 from dgan.run.launch import launch_training, training_worker
 from dgan.run.result import JobResult
@@ -70,32 +79,76 @@ def target_region(region: Tensor, height: int, width: int, shape: str = "box") -
 
 
 def first_stage_control(
-    batch: dict[str, Tensor], height: int, width: int, config: GanConfig
+    batch: dict[str, Tensor],
+    height: int,
+    width: int,
+    config: GanConfig,
+    labels: Tensor | None = None,
 ) -> list[Tensor]:
-    """A for the first G pass over [n | d]: the target label (inside its region) for the
-    normals, "normal" (0) for the defects.
+    """A for the first G pass over [n | d]: the target label (or `labels`, part of it) inside its
+    region for the normals, "normal" (0) for the defects.
 
     Parts in G's cheap label form where A is constant over space: always for the defects, and
     for the normals unless training asks for random target regions (`uses_boxes`, from the
     config: a static choice, so no flag is read back from the device).
     """
-    target = batch["target_labels"]
-    deface = target
-    if uses_boxes(config):
-        where = target_region(batch["region"], height, width, config.train.region_shape)
-        deface = control_map_from_labels(target, height, width) * where
-    return [deface, torch.zeros_like(target)]
+    target = batch["target_labels"] if labels is None else labels
+    return [defacement_control(batch, target, height, width, config), torch.zeros_like(target)]
+
+
+def defacement_control(
+    batch: dict[str, Tensor], labels: Tensor, height: int, width: int, config: GanConfig
+) -> Tensor:
+    """A for defacing the batch's normals with `labels`: inside the asked regions when training
+    asks for them, else the labels alone (G's cheap form)."""
+    if not uses_boxes(config):
+        return labels
+    where = target_region(batch["region"], height, width, config.train.region_shape)
+    return control_map_from_labels(labels, height, width) * where
 
 
 def uses_boxes(config: GanConfig) -> bool:
     return config.train.random_region_prob > 0
 
 
-def first_pass(nets: Nets, batch: dict[str, Tensor], config: GanConfig) -> GeneratorOutput:
-    """G's first stage over [n | d]: [d' | n'], with the autograd graph that G's update needs."""
-    n = batch["normal"]
-    control = first_stage_control(batch, n.shape[2], n.shape[3], config)
-    return nets.G(torch.cat([n, batch["defect"]]), control)
+def first_pass(
+    nets: Nets, batch: dict[str, Tensor], config: GanConfig, G: torch.nn.Module | None = None
+) -> GeneratorOutput:
+    """G's first stage over [n | d]: [d' | n'], with the autograd graph that G's update needs
+    (G: nets.G; nets.G_raw under no_grad for D's step alone).
+
+    With layered label sets (generator.label_sets), d' of a set of two layers or more is a second
+    pass of G over the first: the set's other layers first, then the layer that the batch's
+    layer_draw picks on top (split_top_layer)."""
+    G = nets.G if G is None else G
+    n, layers = batch["normal"], nets.G_raw.layers
+    h, w = n.shape[2:]
+    if layers is None:
+        return G(torch.cat([n, batch["defect"]]), first_stage_control(batch, h, w, config))
+    under, top, stacked = split_top_layer(batch["target_labels"], layers, batch["layer_draw"])
+    both = G(torch.cat([n, batch["defect"]]), first_stage_control(batch, h, w, config, under))
+    b = n.shape[0]
+    first = GeneratorOutput(both.image[:b], both.foreground[:b], both.defect_mask[:b])
+    defaced = paint_on_top(G, first, batch, config, top, stacked)
+    return GeneratorOutput(
+        image=torch.cat([defaced.image, both.image[b:]]),
+        foreground=None,
+        defect_mask=torch.cat([defaced.defect_mask, both.defect_mask[b:]]),
+    )
+
+
+def paint_on_top(
+    G: torch.nn.Module,
+    under: GeneratorOutput,
+    batch: dict[str, Tensor],
+    config: GanConfig,
+    top: Tensor,
+    stacked: Tensor,
+) -> GeneratorOutput:
+    """The second pass of a layered defacement: G paints the `top` labels over under.image."""
+    h, w = under.image.shape[2:]
+    over = G(under.image, defacement_control(batch, top, h, w, config))
+    return stack_layers(under, over, stacked)
 
 
 def d_step(
@@ -113,9 +166,8 @@ def d_step(
     n, d = batch["normal"], batch["defect"]
     zeros = torch.zeros_like(batch["defect_labels"])
     if first is None:
-        control = first_stage_control(batch, n.shape[2], n.shape[3], config)
         with torch.no_grad():  # D's update needs the fakes, not G's graph
-            first = nets.G_raw(torch.cat([n, d]), control)
+            first = first_pass(nets, batch, config, nets.G_raw)
     b = n.shape[0]
     policy, draws = config.discriminator.augment, batch["d_augment"]
     real = augment(torch.cat([d, n]), torch.cat([draws[:, 0], draws[:, 1]]), policy)
@@ -244,9 +296,14 @@ def g_step(
     has_mask = first.defect_mask is not None and lw.lambda_binary > 0
     terms["g_binary"] = losses.binary_mask_loss(first.defect_mask) if has_mask else n.new_zeros(())
     if lw.lambda_diversity > 0:  # the config refuses it without ANI and LWC
-        # the defacements again, with a second draw of ANI's noise: same n, same A
-        control = first_stage_control(batch, n.shape[2], n.shape[3], config)[0]
-        redrawn = nets.G(n, control).defect_mask
+        # the defacements again, with a second draw of ANI's noise: same n, same A, same layers
+        h, w = n.shape[2:]
+        if nets.G_raw.layers is None:
+            redrawn = nets.G(n, defacement_control(batch, c_target, h, w, config)).defect_mask
+        else:
+            under, top, stacked = split_top_layer(c_target, nets.G_raw.layers, batch["layer_draw"])
+            again = nets.G(n, defacement_control(batch, under, h, w, config))
+            redrawn = paint_on_top(nets.G, again, batch, config, top, stacked).defect_mask
         terms["g_diversity"] = losses.diversity_loss(
             first.defect_mask[:b], redrawn, lw.diversity_cap
         )
@@ -321,10 +378,11 @@ def check_minibatch_std(config: GanConfig, num_processes: int) -> None:
         )
 
 
-def build_nets(config: GanConfig, num_classes: int, accelerator) -> Nets:
+def build_nets(config: GanConfig, classes: int | Sequence[str], accelerator) -> Nets:
+    """G, D, their optimizers and G's EMA copy, prepared by Accelerate; `classes` as build_gan."""
     check_minibatch_std(config, accelerator.num_processes)
     torch.manual_seed(config.train.seed)  # identical initial weights on every process
-    G, D = build_gan(config, num_classes)
+    G, D = build_gan(config, classes)
     t = config.train
     fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step, not one per tensor
     opt_G = torch.optim.Adam(G.parameters(), t.lr_g, betas=(t.beta1, t.beta2), fused=fused)
@@ -412,7 +470,7 @@ class GanJob(TrainingJob):
         self.config, self.accelerator, self.events = config, accelerator, events
         self.seed = config.train.seed
         self.index, self.classes, self.stream = load_training_data(config)
-        self.nets = build_nets(config, len(self.classes), accelerator)
+        self.nets = build_nets(config, self.classes, accelerator)
         log = config.log
         self.cadence = Cadence(
             config.train.iterations, log.log_every, log.checkpoint_every, log.eval_every,
@@ -541,8 +599,9 @@ class GanJob(TrainingJob):
         from dgan.data.check import require_usable
 
         index = require_usable(config.data.root)
-        if config.data.classes:
-            select_classes(index, config.data.classes)
+        columns = select_classes(index, config.data.classes or None)
+        if config.generator.label_sets == "layered":
+            layer_of_categories([index.classes[c] for c in columns], config.generator.layers)
         if evaluation_due(config, start):
             from dgan.evaluation.periodic import check_evaluation
 
