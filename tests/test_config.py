@@ -60,6 +60,8 @@ def test_table2_presets_switch_the_four_components():
         g = load_config("gan", ["demo", f"table2/{name}"]).generator
         assert (g.scc, g.ani, g.lwc, g.sc) == switches, name
         assert g.conv_dim == 32  # the size preset still applies
+        # the demo's layered label sets where a row has LWC to paint layers with, else one pass
+        assert g.label_sets == ("layered" if g.lwc else "joint"), name
 
 
 def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):

@@ -238,7 +238,7 @@ LAYERED_WITHOUT_LWC = [f"--set=generator.{kv}" for kv in ("label_sets=layered", 
         (["--set", "train.batch_size=3"], "must be even"),
         (["--set", "train.bogus=1"], "train.bogus: unknown key; allowed here: batch_size"),
         (["--set", "generator.sc=true", "--set", "generator.lwc=false"], "needs generator.lwc"),
-        (["--set", "generator.layers=[[crack]]"], "but label_sets is joint; set generator.lab"),
+        (["--config", "paper", "--set", "generator.layers=[[crack]]"], "but label_sets is joint"),
         (
             LAYERED_WITHOUT_LWC,
             "paints one layer over another with Eq. 4, which needs generator.lwc",
