@@ -98,6 +98,8 @@ def deface(
     # A layered label set: its last layer, in painting order, over the others (split_top_layer).
     under, top, stacked = split_top_layer(labels, generator.layers, labels.new_ones(b))
     first = generator(normals, control(under), noise)
+    if not bool(stacked.any()):  # one sync per batch: a batch of one-layer sets takes one pass
+        return first.image, first.defect_mask
     out = stack_layers(first, generator(first.image, control(top), noise), stacked)
     return out.image, out.defect_mask
 

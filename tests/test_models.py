@@ -360,6 +360,11 @@ def test_layered_defacement_paints_the_last_layer_over_the_rest_and_one_layer_se
     assert len(seen) == 2
     assert torch.equal(seen[0], torch.eye(C)[[0], :, None, None] * where)
     assert torch.equal(seen[1], torch.eye(C)[[4], :, None, None] * where)
+    # a batch of one-layer sets only takes one pass, and paints what the joint G paints
+    seen.clear()
+    alone, _ = deface(G, normals[1:2], labels[1:2])
+    assert len(seen) == 1
+    torch.testing.assert_close(alone, images[1:2])
 
 
 def test_deface_refuses_labels_of_the_wrong_width():
