@@ -60,6 +60,17 @@ class GeneratorConfig(Section):
     # resized back bilinearly, as JPEG subsamples chroma. A crack stays a pixel wide in brightness
     # but cannot be fringed with single magenta or green pixels. 1 is the paper's f.
     chroma_stride: int = Field(1, ge=1, le=16)
+    # Beyond the paper: where chroma_stride's averaging and grain act on f. "logit" (the default):
+    # on what G paints, before f's tanh. There a black crack or a white bloom saturates tanh, so
+    # its colour is free of any loss and the averaging carries it onto the lighter neighbours as
+    # a coloured fringe, and grain shifts the colour of a pixel that has one. "image": after the
+    # tanh, on f's pixel values (clipped to [-1, 1]), so the averaged colour is the one seen and
+    # grain changes brightness alone. The same f when chroma_stride is 1 and grain 0.
+    paint_space: Literal["logit", "image"] = "logit"
+    # Where grain alone is added, when it differs from paint_space (None: paint_space's). "logit"
+    # with paint_space "image": grit before the tanh, which fades on a saturated black or white
+    # pixel, and its colour averaged after it.
+    grain_space: Literal["logit", "image"] | None = None
     # Beyond the paper: ANI's learned noise strengths are kept divided by this gain, so each
     # optimizer step moves a strength this many times further (Adam's step does not scale with
     # the parameter). 1 is the paper's: in the demo preset's 600 G updates no strength passed 0.035,

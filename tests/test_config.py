@@ -90,6 +90,8 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("discriminator.stem=-1", "discriminator.stem: Input should be greater than or equal to 0"),
         ("train.set_power=2", "train.set_power: Input should be less than or equal to 1"),
         ("generator.grain=-1", "generator.grain: Input should be greater than or equal to 0"),
+        ("generator.paint_space=rgb", "generator.paint_space: Input should be 'logit' or 'image'"),
+        ("generator.grain_space=rgb", "generator.grain_space: Input should be 'logit' or 'image'"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

@@ -209,6 +209,53 @@ def test_noise_gain_scales_what_an_optimizer_step_does_to_each_noise_strength():
     assert built.noise and all(n.gain == 30 for n in built.noise)
 
 
+def test_image_paint_space_averages_the_seen_colour_and_grain_keeps_each_pixels_colour():
+    from dgan.models.generator import paint_foreground
+
+    painted = torch.zeros(1, 3, 8, 8)  # a grey field...
+    painted[0, :, 4, 4] = torch.tensor([-9.0, -5.0, -9.0])  # ...and a black pixel, green in logits
+    colour = {}
+    for space in ("logit", "image"):
+        f = paint_foreground(painted, chroma_stride=2, space=space)
+        colour[space] = (f - f.mean(dim=1, keepdim=True)).abs().amax(dim=1)[0]
+    # Before the tanh, the green that tanh hides is averaged onto the grey neighbours: a fringe.
+    assert float(colour["logit"][4, 5]) > 0.3 and float(colour["logit"][5, 5]) > 0.3
+    # After it, the black pixel has no colour to give: the neighbours stay grey.
+    assert float(colour["image"].max()) < 0.01
+    f = paint_foreground(painted, chroma_stride=2, space="image")
+    assert float(f[0, :, 4, 4].max()) < -0.99  # and the pixel stays black
+    # Without averaging or grain, both spaces are the paper's f = tanh(painted).
+    torch.testing.assert_close(paint_foreground(painted, space="image"), torch.tanh(painted))
+    # Grain in image space: a brightness change, the same in R, G and B, clipped at +-1.
+    grain = 0.5 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    grainy = paint_foreground(painted, grain, chroma_stride=2, space="image")
+    z, inside = grainy - f, (f + grain).abs().amax(dim=1) < 1  # pixels the clip leaves alone
+    torch.testing.assert_close(z[:, 0][inside], grain[:, 0][inside])
+    torch.testing.assert_close(z[:, 1][inside], grain[:, 0][inside])
+    torch.testing.assert_close(z[:, 2][inside], grain[:, 0][inside])
+    assert float(grainy.abs().max()) <= 1.0 and int(inside.sum()) > 40
+    # grain_space "logit": grit before the tanh, which fades on the saturated black pixel, and
+    # its colour averaged after it.
+    mixed = paint_foreground(painted, grain, 2, "image", grain_space="logit")
+    torch.testing.assert_close(
+        mixed, paint_foreground(painted + grain, chroma_stride=2, space="image")
+    )
+    assert abs(float(mixed[0, 0, 4, 4] - f[0, 0, 4, 4])) < 1e-3
+    assert float((mixed - mixed.mean(dim=1, keepdim=True)).abs().max()) < 0.01
+    # The config's generator.paint_space reaches the G that training builds, which trains.
+    from dgan.config import load_config
+    from dgan.models import build_gan
+
+    built, _ = build_gan(load_config("gan", ["demo"], ["generator.paint_space=image"]), CLASSES)
+    assert (built.paint_space, built.grain_space) == ("image", "image")
+    overrides = ["generator.paint_space=image", "generator.grain_space=logit"]
+    mixed_g, _ = build_gan(load_config("gan", ["demo"], overrides), CLASSES)
+    assert (mixed_g.paint_space, mixed_g.grain_space) == ("image", "logit")
+    out = built(torch.rand(2, 3, 32, 32) * 2 - 1, torch.ones(2, len(CLASSES)))
+    out.image.sum().backward()
+    assert built.to_grain.weight.grad.abs().sum() > 0
+
+
 def test_grain_adds_grey_noise_of_the_predicted_amplitude_to_the_foreground_only():
     plain, grainy = tiny(), tiny(grain=2.0)
     state = grainy.state_dict()

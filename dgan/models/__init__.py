@@ -38,6 +38,8 @@ def build_gan(config: GanConfig, classes: int | Sequence[str]) -> tuple[Generato
         spade_from=g.spade_from,
         foreground=g.foreground,
         chroma_stride=g.chroma_stride,
+        paint_space=g.paint_space,
+        grain_space=g.grain_space,
         noise_gain=g.noise_gain,
         grain=g.grain,
         layer_of=layer_of,

@@ -6,7 +6,8 @@ Encoder (stride 4) -> residual bottleneck -> decoder, as StarGAN's G, plus:
 - LWC: G paints a foreground f and a spatial distribution map m; the output is
   x * (1 - m) + f * m (Eq. 1-4).
 - Beyond the paper, grain: a third head predicts a per-pixel amplitude, up to a cap, of fresh
-  Gaussian noise added to f's grey before its tanh, so G can give a surface grit where it paints.
+  Gaussian noise added to f's grey, so G can give a surface grit where it paints; before f's
+  tanh or after it (paint_foreground).
 - Beyond the paper, layered label sets: a set of categories from several layers is painted in
   two passes of G, one layer on top of the rest (split_top_layer, stack_layers).
 With every switch off, G is StarGAN's: A's channels are concatenated to the input image.
@@ -199,6 +200,8 @@ class Generator(nn.Module):
         spade_from: str = "decoder",
         foreground: str = "image",
         chroma_stride: int = 1,
+        paint_space: str = "logit",
+        grain_space: str | None = None,
         noise_gain: float = 1.0,
         grain: float = 0.0,
         layer_of: Sequence[int] | None = None,
@@ -212,6 +215,7 @@ class Generator(nn.Module):
             one_hot = nn.functional.one_hot(torch.tensor(list(layer_of)), max(layer_of) + 1)
             self.register_buffer("layers", one_hot.float(), persistent=False)
         self.foreground_mode, self.chroma_stride = foreground, chroma_stride
+        self.paint_space, self.grain_space = paint_space, grain_space or paint_space
         self.num_classes, self.scc, self.ani, self.lwc = num_classes, scc, ani, lwc
         c, d = num_classes, conv_dim
         in_channels = 3 if scc else 3 + c  # StarGAN: label concatenated to the image
@@ -284,15 +288,16 @@ class Generator(nn.Module):
             padding=3,
         )
         painted, defect_mask = heads[:, :3], torch.sigmoid(heads[:, 3:4])
-        if self.chroma_stride > 1:
-            painted = subsample_chroma(painted, self.chroma_stride)
+        grain = None
         if self.to_grain is not None and noise:
             # the same noise in every channel: grit changes brightness, not colour
-            amplitude = self.grain * torch.sigmoid(heads[:, 4:])
-            painted = painted + amplitude * draw_noise(h, generator)
+            grain = self.grain * torch.sigmoid(heads[:, 4:]) * draw_noise(h, generator)
+        offset = None
         if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
-            painted = painted + torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
-        foreground = torch.tanh(painted)
+            offset = torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
+        foreground = paint_foreground(
+            painted, grain, self.chroma_stride, self.paint_space, offset, self.grain_space
+        )
         return GeneratorOutput(
             image=compose(x, foreground, defect_mask),
             foreground=foreground,
@@ -354,6 +359,34 @@ def stack_layers(under: GeneratorOutput, top: GeneratorOutput, stacked: Tensor) 
         foreground=None,
         defect_mask=torch.where(where, union, under.defect_mask),
     )
+
+
+def paint_foreground(
+    painted: Tensor,
+    grain: Tensor | None = None,
+    chroma_stride: int = 1,
+    space: str = "logit",
+    offset: Tensor | None = None,
+    grain_space: str | None = None,
+) -> Tensor:
+    """f in [-1, 1] from what G paints (B, 3, H, W), its grain (B, 1, H, W) and, with
+    generator.foreground "offset", atanh of the input. f = tanh(painted + offset), the paper's f
+    when grain is None and chroma_stride 1. In "logit" space, the colour is averaged
+    (subsample_chroma) before the tanh; in "image" space after it, on f's pixel values. Grain is
+    added in grain_space (None: space). Whatever changes f after the tanh is clipped to [-1, 1]."""
+    grain_space = grain_space or space
+    if space == "logit" and chroma_stride > 1:
+        painted = subsample_chroma(painted, chroma_stride)
+    if grain_space == "logit" and grain is not None:
+        painted = painted + grain
+    foreground = torch.tanh(painted if offset is None else painted + offset)
+    averaged = space == "image" and chroma_stride > 1
+    if averaged:  # a grey pixel may take a colour that passes +-1
+        foreground = subsample_chroma(foreground, chroma_stride)
+    grainy = grain_space == "image" and grain is not None
+    if grainy:
+        foreground = foreground + grain
+    return foreground.clamp(-1, 1) if averaged or grainy else foreground
 
 
 def subsample_chroma(painted: Tensor, stride: int) -> Tensor:
