@@ -77,8 +77,9 @@ class GeneratorConfig(Section):
     # and the noise barely changed an image. Needs generator.ani.
     noise_gain: float = Field(1.0, gt=0, le=1000)
     # Beyond the paper: a third head beside f and m predicts, at each pixel, the amplitude (from 0
-    # up to this cap) of fresh N(0, 1) noise added to f's grey before its tanh, so that a spall's
-    # grit or a bloom's crystals need not be drawn by the convs from ANI's feature noise. Drawn
+    # up to this cap) of fresh N(0, 1) noise added to f's grey before its tanh (after it with
+    # grain_space, or paint_space, "image"), so that a spall's grit or a bloom's crystals need
+    # not be drawn by the convs from ANI's feature noise. Drawn
     # in every pass of G that draws noise (generator.cycle_noise decides for the cycle's second
     # pass), with or without ANI. 0 is the paper's G (no such head). Needs generator.lwc.
     grain: float = Field(0.0, ge=0, le=10)
