@@ -281,6 +281,10 @@ class GanEvalConfig(Section):
     # Adam steps of the test's classifier (dgan.metrics.realism.STEPS). Fewer make a cheaper,
     # blunter test, e.g. for the many short evaluations of a `dgan tune` study.
     realism_steps: int = Field(300, ge=1)
+    # Classifier seeds per realism test, averaged (each its own halves and initial weights): the
+    # figures are their means, realism_auc_std and realism_auc_restored_std their spread. 1 is
+    # one test; each repeat costs one more.
+    realism_repeats: int = Field(1, ge=1, le=20)
 
 
 class GanConfig(Section):

@@ -118,6 +118,7 @@ class EvalSynthSpec(SpecBase):
     batch_size: int = 64
     tracking_uri: str | None = None
     realism: bool = True
+    realism_repeats: int = Field(1, ge=1, le=20)
     json_out: str | None = None
 
 

@@ -92,6 +92,8 @@ def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path: Path):
         ("generator.grain=-1", "generator.grain: Input should be greater than or equal to 0"),
         ("generator.paint_space=rgb", "generator.paint_space: Input should be 'logit' or 'image'"),
         ("generator.grain_space=rgb", "generator.grain_space: Input should be 'logit' or 'image'"),
+        ("eval.realism_repeats=0", "eval.realism_repeats: Input should be greater than or equal"),
+        ("eval.realism_repeats=21", "eval.realism_repeats: Input should be less than or equal"),
         ("train.batch_size", "expected section.key=value"),
     ],
 )

@@ -363,6 +363,36 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
     assert "0.5: it cannot tell G's images from real ones" in result.output
     assert "its floor: two halves of the real defects" in result.output
     assert "its ceiling: real normals called defect-free" in result.output
+    assert report["realism_repeats"] == 1  # one classifier per test: no spread to print
+    assert "realism_auc_std" not in report["figures"]["train"] and "spread" not in result.output
+
+
+def test_eval_synth_realism_repeats_average_classifier_seeds_and_print_their_spread(
+    trained, tmp_path
+):
+    out = tmp_path / "synth.json"
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--n", "4", "--realism-repeats", "2",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "its spread: std over the classifier seeds" in result.output
+    assert "each realism figure is the mean of 2 classifier seeds" in result.output
+    report = json.loads(out.read_text())
+    assert report["realism_repeats"] == 2
+    train = report["figures"]["train"]
+    assert 0 <= train["realism_auc_std"] <= 0.6 and 0 <= train["realism_auc_restored_std"] <= 0.6
+    assert 0 <= train["realism_floor_std"] <= 0.6
+
+
+@pytest.mark.parametrize("repeats", ["0", "21"])
+def test_eval_synth_bad_realism_repeats_gets_a_message_and_exit_2(trained, repeats):
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--realism-repeats", repeats
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--realism-repeats must be between 1 and 20, got {repeats}" in result.output
+    assert clean_exit(result), result.exception
 
 
 class PixelJudge:
@@ -435,6 +465,29 @@ def test_training_evaluator_uses_the_same_inputs_every_time(trained):
     assert first == second
     assert {"fid_inspector", "kid_inspector", "category_accuracy", "diversity_l1"} <= set(first)
     assert "fid_inspector_transfer" in first and "background_area_transfer" in first
+
+
+def test_training_evaluator_averages_realism_repeats_and_logs_their_spread(trained):
+    from accelerate import Accelerator
+
+    from dgan.evaluation.periodic import TrainingEvaluator
+    from dgan.tracking.source import load_generator_from, resolve_model
+
+    G, gan_config, classes = load_generator_from(resolve_model(trained.gan, "gan"))
+
+    def metrics(repeats: int) -> dict[str, float]:
+        e = gan_config.eval.model_copy(
+            update={"n": 4, "realism_n": 8, "realism_steps": 5, "realism_repeats": repeats}
+        )
+        log = gan_config.log.model_copy(update={"run_root": trained.root / "runs"})
+        config = gan_config.model_copy(update={"eval": e, "log": log})
+        return TrainingEvaluator(config, classes, Accelerator(cpu=True), Events())(G)
+
+    one, three = metrics(1), metrics(3)
+    assert "realism_auc_std" not in one and "realism_floor_std" not in one
+    for key in ("realism_auc_std", "realism_auc_restored_std", "realism_floor_std"):
+        assert 0 <= three[key] <= 0.6, key
+    assert three["realism_floor"] != one["realism_floor"]  # a mean over other seeds too
 
 
 def test_a_run_that_names_an_inspector_trains_exactly_as_one_that_does_not(trained, tmp_path):

@@ -313,7 +313,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
         "synth": ["--n", "8", "--classes", "crack,spallation", "--region", "random-box"],
         "eval-inspector": ["m", "d", "--split", "val"],
         "eval-fid": ["m", "d", "--n", "4"],
-        "eval-synth": ["m", "d", "--n", "4"],
+        "eval-synth": ["m", "d", "--n", "4", "--realism-repeats", "3"],
         "tune": ["--set", "trials=4"],
         "noop": ["--seconds", "0.5"],
     }
@@ -327,6 +327,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
     synth = build_spec("synth", examples["synth"])
     assert synth.config.classes == ["crack", "spallation"]
     assert synth.config.region == "random-box"
+    assert build_spec("eval-synth", examples["eval-synth"]).realism_repeats == 3
 
 
 def test_the_example_pipeline_is_a_valid_dag_of_the_papers_table3(workdir):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgan.metrics.realism import halves_test, realism_by_cue, two_sample_test
+from dgan.metrics.realism import (
+    halves_test,
+    realism_by_cue,
+    repeat_seed,
+    repeated_test,
+    two_sample_test,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,41 @@ def test_groups_are_scored_on_their_own_held_out_items(surfaces, one_thread):
 def test_the_same_inputs_and_seed_give_the_same_auc(surfaces, one_thread):
     a = halves_test(surfaces[:80], seed=1, steps=20).auc
     assert halves_test(surfaces[:80], seed=1, steps=20).auc == a
+
+
+def test_repeats_average_the_test_at_other_classifier_seeds(surfaces, one_thread):
+    images = surfaces[:80]
+    singles = [halves_test(images, repeat_seed(1, r), steps=20) for r in range(3)]
+    assert repeat_seed(1, 0) == 1  # repeat 0 is the test at the given seed
+    assert len({r.auc for r in singles}) > 1  # other seeds, other halves: other AUCs
+    result = repeated_test(lambda s: halves_test(images, s, steps=20), seed=1, repeats=3)
+    aucs = torch.tensor([r.auc for r in singles], dtype=torch.float64)
+    assert result.repeats == 3 and result.n == singles[0].n
+    assert result.auc == pytest.approx(float(aucs.mean()))
+    assert result.auc_std == pytest.approx(float(aucs.std()))  # the sample std (n - 1)
+    assert result.log_loss == pytest.approx(sum(r.log_loss for r in singles) / 3)
+    one = repeated_test(lambda s: halves_test(images, s, steps=20), seed=1, repeats=1)
+    assert one.auc == singles[0].auc and one.repeats == 1 and one.auc_std != one.auc_std  # NaN
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        repeated_test(lambda s: halves_test(images, s, steps=20), seed=1, repeats=0)
+
+
+def test_repeats_average_each_groups_auc(surfaces, one_thread):
+    half = len(surfaces) // 4
+    real, fake = surfaces[:half], surfaces[half : 2 * half].clone()
+    fake[: half // 2] = with_stripes(fake[: half // 2])
+    groups = ["striped"] * (half // 2) + ["clean"] * (half - half // 2)
+
+    def test(seed):
+        return two_sample_test(real, fake, seed, groups=groups, steps=20)
+
+    singles = [test(repeat_seed(0, r)) for r in range(2)]
+    result = repeated_test(test, seed=0, repeats=2)
+    for key in ("striped", "clean"):
+        assert result.groups[key] == pytest.approx(
+            (singles[0].groups[key] + singles[1].groups[key]) / 2
+        )
+    assert result.group_n == singles[0].group_n
 
 
 def test_too_few_images_are_refused():

@@ -88,8 +88,9 @@ class TrainingEvaluator:
         self.realism, self.floors = None, {}
         if e.realism and main:
             self.realism = make_realism_inputs(
-                index, "train", columns, classes, size, self.seed, e.realism_n, e.realism_steps
-            )
+                index, "train", columns, classes, size, self.seed, e.realism_n, e.realism_steps,
+                e.realism_repeats,
+            )  # fmt: skip
             self.floors = realism_floors(
                 self.realism, self.seed, Path(config.log.run_root) / ".cache" / "realism"
             )

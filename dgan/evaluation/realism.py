@@ -14,6 +14,9 @@ called exactly their label set (`set_accuracy_<set>`) and of restorations called
 defects called exactly their label set (`real_set_accuracy_<set>`) and the real normals called
 defect-free (`real_called_normal`). Those are the inspector's own ceilings: a defacement called
 its label set more often than a real defect of that set is easier to read than the real thing.
+With `repeats` above 1, every test runs at that many classifier seeds (each its own halves and
+initial weights) on the same images; its figures are their means, and `realism_auc_std`,
+`realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std` their spread.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dgan.evaluation.inputs import load_images, real_defects, seeded_order
 from dgan.inference import deface, restore
 from dgan.io import atomic_write_text
 from dgan.metrics.fid import require_images
-from dgan.metrics.realism import STEPS, halves_test, two_sample_test
+from dgan.metrics.realism import STEPS, halves_test, repeated_test, two_sample_test
 
 DEFAULT_N = 600  # real defects per test: the demo set's whole train split
 
@@ -51,6 +54,7 @@ class RealismInputs:
     normals: Tensor  # (N, 3, S, S) uint8 other real normals, against the restorations
     identity: str  # of the real files, for the floors' cache
     steps: int = STEPS  # the two-sample classifier's training steps (dgan.metrics.realism)
+    repeats: int = 1  # classifier seeds per test, averaged (dgan.metrics.realism.repeated_test)
 
     @property
     def n(self) -> int:
@@ -70,11 +74,12 @@ def make_realism_inputs(
     seed: int,
     n: int = DEFAULT_N,
     steps: int = STEPS,
+    repeats: int = 1,
 ) -> RealismInputs:
     """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer).
 
-    `steps`: the classifier's training steps in the tests these inputs feed (their floors'
-    cache key)."""
+    `steps` and `repeats`: the classifier's training steps and seeds in the tests these inputs
+    feed (part of their floors' cache key)."""
     defects = real_defects(index, split, columns)
     normals = sorted(index.select(split, normal=True), key=lambda s: str(s.path))
     require_images(len(defects), f"the realism test on split {split!r}", "real defects", 4)
@@ -94,8 +99,9 @@ def make_realism_inputs(
         [label_set_name(row, classes) for row in labels.tolist()],
         load_images(picked[:count], image_size),
         load_images(picked[count:], image_size),
-        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}",
+        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}" + f"-x{repeats}" * (repeats > 1),
         steps,
+        repeats,
     )
 
 
@@ -132,12 +138,20 @@ def realism_figures(
     set_accuracy_<set> and restored_called_normal too, with their ceilings on the real images
     (real_set_accuracy_<set>, real_called_normal)."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
-    steps = inputs.steps
-    defaced = two_sample_test(inputs.defects, fakes, seed, groups=inputs.groups, steps=steps)
-    back = two_sample_test(inputs.normals, restored, seed, steps=steps)
+    steps, repeats = inputs.steps, inputs.repeats
+    defaced = repeated_test(
+        lambda s: two_sample_test(inputs.defects, fakes, s, groups=inputs.groups, steps=steps),
+        seed,
+        repeats,
+    )
+    back = repeated_test(
+        lambda s: two_sample_test(inputs.normals, restored, s, steps=steps), seed, repeats
+    )
     figures = {"realism_auc": defaced.auc, "realism_log_loss": defaced.log_loss}
     figures |= {f"realism_auc_{g}": v for g, v in defaced.groups.items()}
     figures |= {"realism_auc_restored": back.auc, "realism_log_loss_restored": back.log_loss}
+    if repeats > 1:
+        figures |= {"realism_auc_std": defaced.auc_std, "realism_auc_restored_std": back.auc_std}
     if inspector is not None:
         figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
     return figures
@@ -169,12 +183,18 @@ def realism_floors(inputs: RealismInputs, seed: int, cache_dir: Path | None) -> 
     if path is not None and path.is_file():
         return json.loads(path.read_text())
 
-    def floor(images: Tensor) -> float:  # NaN when the halves are too small to test
+    def floor(images: Tensor) -> tuple[float, float]:  # NaN when the halves are too small
         if len(images) < 8:
-            return float("nan")
-        return halves_test(images, seed, steps=inputs.steps).auc
+            return float("nan"), float("nan")
+        result = repeated_test(
+            lambda s: halves_test(images, s, steps=inputs.steps), seed, inputs.repeats
+        )
+        return result.auc, result.auc_std
 
-    floors = {"realism_floor": floor(inputs.defects), "realism_floor_normal": floor(inputs.normals)}
+    (defects, defects_std), (normals, normals_std) = floor(inputs.defects), floor(inputs.normals)
+    floors = {"realism_floor": defects, "realism_floor_normal": normals}
+    if inputs.repeats > 1:
+        floors |= {"realism_floor_std": defects_std, "realism_floor_normal_std": normals_std}
     if path is not None:
         atomic_write_text(path, json.dumps(floors))
     return floors

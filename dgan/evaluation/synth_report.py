@@ -17,6 +17,7 @@ from dgan.evaluation.realism import make_realism_inputs, realism_figures, realis
 from dgan.metrics.realism import STEPS
 
 SYNTH_DEFAULT_N = 500  # enough inputs for the synthesis figures' means
+MAX_REPEATS = 20  # classifier seeds per realism figure, as eval.realism_repeats allows
 REALISM_CACHE = Path("runs/.cache/realism")  # the floors; training uses RUN_ROOT/.cache/realism
 
 
@@ -28,9 +29,13 @@ FIGURES = (
     ("spatial_chance", "  its chance level (mean box area share)"),
     ("diversity_l1", "diversity: L1 between two noise seeds (0-1 units)"),
     ("realism_auc", "realism: AUC telling defacements from real defects"),
+    ("realism_auc_std", "  its spread: std over the classifier seeds"),
     ("realism_floor", "  its floor: two halves of the real defects"),
+    ("realism_floor_std", "    the floor's spread over the classifier seeds"),
     ("realism_auc_restored", "realism: AUC telling restored defects from real normals"),
+    ("realism_auc_restored_std", "  its spread: std over the classifier seeds"),
     ("realism_floor_normal", "  its floor: two halves of the real normals"),
+    ("realism_floor_normal_std", "    the floor's spread over the classifier seeds"),
     ("restored_called_normal", "restored real defects called defect-free"),
     ("real_called_normal", "  its ceiling: real normals called defect-free"),
 )
@@ -51,6 +56,7 @@ class SynthReport:
     n: dict[str, int]
     figures: dict[str, dict[str, float]]  # split -> figure -> value
     realism_n: dict[str, int] = field(default_factory=dict)  # real defects per split
+    realism_repeats: int = 1  # classifier seeds averaged in each realism figure
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +66,7 @@ class SynthReport:
             "inspector": self.inspector,
             "n": self.n,
             "realism_n": self.realism_n,
+            "realism_repeats": self.realism_repeats,
             "figures": {
                 split: {k: None if math.isnan(v) else v for k, v in values.items()}
                 for split, values in self.figures.items()
@@ -103,6 +110,11 @@ class SynthReport:
         if self.realism_n:
             counts = ", ".join(f"{s} {n}" for s, n in self.realism_n.items())
             lines += [REALISM_NOTE, f"  realism test sizes (real defects per split): {counts}"]
+            if self.realism_repeats > 1:
+                lines.append(
+                    f"  each realism figure is the mean of {self.realism_repeats} classifier "
+                    "seeds, each with its own halves"
+                )
         if self.inspector is None:
             lines.append(
                 "  category-control accuracy needs --inspector SPEC (trained on real data)"
@@ -124,15 +136,23 @@ def evaluate_synthesis(
     realism: bool = True,
     cache_dir: Path = REALISM_CACHE,
     realism_steps: int = STEPS,
+    realism_repeats: int = 1,
 ) -> SynthReport:
     """Realism, category control, background preservation, spatial control and diversity of G on
     the split's normals, and on the held-out surface family (split "transfer") when there is one.
     `realism=False` skips the realism test (about 20 s a split at 32 px on 2 CPU cores);
-    `realism_steps` trains its classifier for fewer steps than the full test's (a quick look)."""
+    `realism_steps` trains its classifier for fewer steps than the full test's (a quick look);
+    `realism_repeats` averages each realism figure over that many classifier seeds."""
     from dgan.tracking.source import load_generator_from, resolve_model
 
     if n is not None and n < 1:
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
+    if not 1 <= realism_repeats <= MAX_REPEATS:
+        raise DganError(
+            f"--realism-repeats must be between 1 and {MAX_REPEATS}, got {realism_repeats}: "
+            "each repeat trains one more classifier per test (1 for the plain test)",
+            exit_code=2,
+        )
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
@@ -152,8 +172,9 @@ def evaluate_synthesis(
         counts[name] = eval_set.n
         if realism:
             inputs = make_realism_inputs(
-                index, name, columns, classes, size, seed, steps=realism_steps
-            )
+                index, name, columns, classes, size, seed, steps=realism_steps,
+                repeats=realism_repeats,
+            )  # fmt: skip
             figures[name] |= realism_floors(inputs, seed, cache_dir)
             figures[name] |= realism_figures(
                 G, inputs, seed, batch_size, device, judges.inspector, judges.inspector_columns
@@ -161,5 +182,6 @@ def evaluate_synthesis(
             realism_n[name] = inputs.n
     described = judges.inspector.description if judges.inspector else None
     return SynthReport(
-        source.uri, str(data_root), list(classes), described, counts, figures, realism_n
-    )
+        source.uri, str(data_root), list(classes), described, counts, figures, realism_n,
+        realism_repeats if realism else 1,
+    )  # fmt: skip

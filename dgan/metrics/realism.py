@@ -12,7 +12,7 @@ fool it. Two halves of one real set give the floor a perfect generator would rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +54,10 @@ class TwoSampleResult:
     log_loss: float = float("nan")
     groups: dict[str, float] = field(default_factory=dict)
     group_n: dict[str, int] = field(default_factory=dict)
+    # Over repeats of the test with other classifier seeds (repeated_test): the AUCs' sample
+    # standard deviation, and how many tests the means above average. NaN for one test.
+    auc_std: float = float("nan")
+    repeats: int = 1
 
 
 def _as_unit(images: Tensor) -> Tensor:
@@ -148,6 +152,35 @@ def halves_test(images: Tensor, seed: int = 0, **kwargs) -> TwoSampleResult:
     order = torch.from_numpy(np.random.default_rng([seed, 8]).permutation(len(images)))
     half = len(images) // 2
     return two_sample_test(images[order[:half]], images[order[half : 2 * half]], seed, **kwargs)
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat `repeat` of a test at `seed`: repeat 0 is the test at `seed` itself."""
+    return seed + 1_000_003 * repeat
+
+
+def repeated_test(
+    test: Callable[[int], TwoSampleResult], seed: int, repeats: int
+) -> TwoSampleResult:
+    """`test(seed)` at `repeats` classifier seeds (each its own halves and initial weights),
+    averaged: the AUC, log loss and group AUCs are the means, `auc_std` the AUCs' spread. It
+    separates the test's own variance from the generator's; one repeat is the test itself."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    results = [test(repeat_seed(seed, r)) for r in range(repeats)]
+    if repeats == 1:
+        return results[0]
+    aucs = np.array([r.auc for r in results])
+    groups = {k: [r.groups[k] for r in results if k in r.groups] for k in results[0].groups}
+    return TwoSampleResult(
+        float(aucs.mean()),
+        results[0].n,
+        log_loss=float(np.mean([r.log_loss for r in results])),
+        groups={k: float(np.mean(v)) for k, v in groups.items()},
+        group_n=dict(results[0].group_n),
+        auc_std=float(aucs.std(ddof=1)),
+        repeats=repeats,
+    )
 
 
 # What each view of an image keeps, for realism_by_cue: the test on a view that drops a cue
