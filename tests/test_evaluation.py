@@ -378,6 +378,7 @@ def test_eval_synth_realism_repeats_average_classifier_seeds_and_print_their_spr
     assert result.exit_code == 0, result.output
     assert "its spread: std over the classifier seeds" in result.output
     assert "each realism figure is the mean of 2 classifier seeds" in result.output
+    assert "asked std" not in result.output and "asked restored" not in result.output
     report = json.loads(out.read_text())
     assert report["realism_repeats"] == 2
     train = report["figures"]["train"]

@@ -83,7 +83,7 @@ class SynthReport:
                 k.removeprefix("realism_auc_")
                 for f in self.figures.values()
                 for k in f
-                if k.startswith("realism_auc_") and k != "realism_auc_restored"
+                if k.startswith("realism_auc_") and k not in dict(FIGURES)  # not _restored, _std
             }
         )
         names = [
