@@ -27,6 +27,20 @@ from dgan.errors import DganError
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+MAX_REALISM_REPEATS = 20  # classifier seeds per realism figure (eval.realism_repeats)
+
+
+def check_realism_repeats(repeats: int) -> None:
+    """DganError (exit code 2) unless 1 <= repeats <= MAX_REALISM_REPEATS, in the words of the
+    --realism-repeats option (`dgan eval synth`, and its queued job)."""
+    if not 1 <= repeats <= MAX_REALISM_REPEATS:
+        raise DganError(
+            f"--realism-repeats must be between 1 and {MAX_REALISM_REPEATS}, got {repeats}: "
+            "each repeat trains one more classifier per test (1 for the plain test)",
+            exit_code=2,
+        )
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys and wrong types are errors, not ignored."""
 
@@ -284,7 +298,7 @@ class GanEvalConfig(Section):
     # Classifier seeds per realism test, averaged (each its own halves and initial weights): the
     # figures are their means, realism_auc_std and realism_auc_restored_std their spread. 1 is
     # one test; each repeat costs one more.
-    realism_repeats: int = Field(1, ge=1, le=20)
+    realism_repeats: int = Field(1, ge=1, le=MAX_REALISM_REPEATS)
 
 
 class GanConfig(Section):

@@ -21,7 +21,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from dgan.config import GanConfig, InspectorConfig, SynthConfig, TuneConfig, load_config
+from dgan.config import (
+    MAX_REALISM_REPEATS,
+    GanConfig,
+    InspectorConfig,
+    SynthConfig,
+    TuneConfig,
+    check_realism_repeats,
+    load_config,
+)
 from dgan.errors import DganError
 from jobs.kinds import KINDS, kind_names
 from jobs.store import REFERENCE, NewJob
@@ -118,7 +126,7 @@ class EvalSynthSpec(SpecBase):
     batch_size: int = 64
     tracking_uri: str | None = None
     realism: bool = True
-    realism_repeats: int = Field(1, ge=1, le=20)
+    realism_repeats: int = Field(1, ge=1, le=MAX_REALISM_REPEATS)
     json_out: str | None = None
 
 
@@ -322,6 +330,11 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
     return _eval(EvalFidSpec)(params, common)
 
 
+def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
+    check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks it
+    return _eval(EvalSynthSpec)(params, common)
+
+
 def _tune(params: dict[str, Any], common: dict[str, Any]) -> TuneSpec:
     return TuneSpec(config=load_config("tune", params["config"], params["set_"]), **common)
 
@@ -336,7 +349,7 @@ BUILDERS = {
     "synth": _synth,
     "eval-inspector": _eval(EvalInspectorSpec),
     "eval-fid": _eval_fid,
-    "eval-synth": _eval(EvalSynthSpec),
+    "eval-synth": _eval_synth,
     "tune": _tune,
     "noop": _noop,
 }

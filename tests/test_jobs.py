@@ -260,13 +260,16 @@ steps:
         (["submit", "noop", "--after", "41"], "--after 41: there is no job 41"),
         (["submit", "synth", "--generator", "${41.model}"], "there is no job 41"),
         (["submit", "tune", "--set", "trials=0"], "trials"),
+        (["submit", "eval-synth", "m", "d", "--realism-repeats", "0"],
+         "--realism-repeats must be between 1 and 20, got 0"),
         (["pipeline", "{cycle}"], "wait on each other in a circle: a -> b -> a"),
         (["pipeline", "{missing}"], "'gan' (train-gan) makes model, run_dir"),
         (["pipeline", "{later}"], "'gan' is not an earlier step"),
     ],
     ids=[
         "unknown-kind", "unknown-option", "unknown-key", "bad-value", "bad-arguments",
-        "resume", "missing-dependency", "missing-reference", "tune-config", "cycle",
+        "resume", "missing-dependency", "missing-reference", "tune-config", "realism-repeats",
+        "cycle",
         "output-not-made", "output-of-a-later-step",
     ],
 )  # fmt: skip

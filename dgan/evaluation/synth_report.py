@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgan.config import check_realism_repeats
 from dgan.data import open_dataset
 from dgan.data.loader import select_classes
 from dgan.errors import DganError
@@ -17,7 +18,6 @@ from dgan.evaluation.realism import make_realism_inputs, realism_figures, realis
 from dgan.metrics.realism import STEPS
 
 SYNTH_DEFAULT_N = 500  # enough inputs for the synthesis figures' means
-MAX_REPEATS = 20  # classifier seeds per realism figure, as eval.realism_repeats allows
 REALISM_CACHE = Path("runs/.cache/realism")  # the floors; training uses RUN_ROOT/.cache/realism
 
 
@@ -147,12 +147,7 @@ def evaluate_synthesis(
 
     if n is not None and n < 1:
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
-    if not 1 <= realism_repeats <= MAX_REPEATS:
-        raise DganError(
-            f"--realism-repeats must be between 1 and {MAX_REPEATS}, got {realism_repeats}: "
-            "each repeat trains one more classifier per test (1 for the plain test)",
-            exit_code=2,
-        )
+    check_realism_repeats(realism_repeats)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
