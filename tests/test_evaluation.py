@@ -487,8 +487,7 @@ def test_training_evaluator_averages_realism_repeats_and_logs_their_spread(train
     one, three = metrics(1), metrics(3)
     assert "realism_auc_std" not in one and "realism_floor_std" not in one
     for key in ("realism_auc_std", "realism_auc_restored_std", "realism_floor_std"):
-        assert 0 <= three[key] <= 0.6, key
-    assert three["realism_floor"] != one["realism_floor"]  # a mean over other seeds too
+        assert 0 <= three[key] <= 0.6, key  # NaN (one test) fails this too
 
 
 def test_a_run_that_names_an_inspector_trains_exactly_as_one_that_does_not(trained, tmp_path):
