@@ -242,12 +242,15 @@ def test_image_paint_space_averages_the_seen_colour_and_grain_keeps_each_pixels_
     )
     assert abs(float(mixed[0, 0, 4, 4] - f[0, 0, 4, 4])) < 1e-3
     assert float((mixed - mixed.mean(dim=1, keepdim=True)).abs().max()) < 0.01
-    # The config's generator.paint_space reaches the G that training builds, which trains.
+    # The config's generator.paint_space reaches the G that training builds, which trains. The
+    # demo preset paints in image space; the paper's preset and the default before the tanh.
     from dgan.config import load_config
     from dgan.models import build_gan
 
-    built, _ = build_gan(load_config("gan", ["demo"], ["generator.paint_space=image"]), CLASSES)
+    built, _ = build_gan(load_config("gan", ["demo"]), CLASSES)
     assert (built.paint_space, built.grain_space) == ("image", "image")
+    logit_g, _ = build_gan(load_config("gan", ["demo"], ["generator.paint_space=logit"]), CLASSES)
+    assert (logit_g.paint_space, logit_g.grain_space) == ("logit", "logit")
     overrides = ["generator.paint_space=image", "generator.grain_space=logit"]
     mixed_g, _ = build_gan(load_config("gan", ["demo"], overrides), CLASSES)
     assert (mixed_g.paint_space, mixed_g.grain_space) == ("image", "logit")
