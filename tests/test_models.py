@@ -243,7 +243,7 @@ def test_image_paint_space_averages_the_seen_colour_and_grain_keeps_each_pixels_
     assert abs(float(mixed[0, 0, 4, 4] - f[0, 0, 4, 4])) < 1e-3
     assert float((mixed - mixed.mean(dim=1, keepdim=True)).abs().max()) < 0.01
     # The config's generator.paint_space reaches the G that training builds, which trains. The
-    # demo preset paints in image space; the paper's preset and the default before the tanh.
+    # demo preset paints after the tanh, in image space; the default paints before it.
     from dgan.config import load_config
     from dgan.models import build_gan
 
