@@ -112,6 +112,48 @@ def test_cli_under_torchrun_runs_jobs_across_two_processes_and_closes_its_proces
         assert f"rank {rank}: process group open at exit: False" in result.stdout
 
 
+SLOW_RANK_SAVE = """
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from dgan.run.checkpoint import save_checkpoint
+
+accelerator = Accelerator(cpu=True)
+if accelerator.process_index == 1:  # rank 1 reaches its RNG file a second after rank 0
+    get_rng_state = torch.get_rng_state
+    torch.get_rng_state = lambda: (time.sleep(1.0), get_rng_state())[1]
+final = save_checkpoint(accelerator, Path(sys.argv[1]), 6, {"step": torch.tensor(6)}, keep=3)
+print(f"rank {accelerator.process_index}: saved {final.name}")
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_published_only_after_the_slowest_process_wrote_its_rng_state(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dgan.run.launch import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
+    script = tmp_path / "slow_rank_save.py"
+    script.write_text(SLOW_RANK_SAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(script), str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = tmp_path / "run" / "checkpoints" / "iter-00000006"
+    assert {p.name for p in final.iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
+    assert not (tmp_path / "run" / "checkpoints" / ".tmp-iter-00000006").exists()
+    assert ckpt.load_checkpoint(final, process_index=1)[1] is not None
+
+
 def test_close_process_group_destroys_an_open_group_and_does_nothing_without_one():
     import torch.distributed as dist
 

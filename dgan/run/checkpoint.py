@@ -109,6 +109,8 @@ def save_checkpoint(
     torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(state, tmp / "state.pt")
+    accelerator.wait_for_everyone()  # every process's RNG file is in tmp before it is renamed
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
