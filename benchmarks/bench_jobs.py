@@ -56,7 +56,7 @@ def dgan(*args: str, cwd: Path, env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def submit_latency(work: Path, n: int) -> None:
+def submit_latency(work: Path, n: int, repeats: int) -> None:
     db = work / "submit.db"
     Store(db).close()
     for kind, args in (("noop", []), ("train-gan", ["--config", "demo"])):
@@ -68,9 +68,10 @@ def submit_latency(work: Path, n: int) -> None:
                 store.submit([new_job(spec)])
             times.append(time.perf_counter() - t0)
         print(f"  library call (validate + commit), {kind:<9}: {summary(times)} over {n}")
-    cli = [dgan("jobs", "submit", "noop", "--db", str(db), cwd=work) for _ in range(5)]
+    cli = [dgan("jobs", "submit", "noop", "--db", str(db), cwd=work) for _ in range(repeats)]
     print(
-        f"  `dgan jobs submit noop` as a process  : {summary(cli)} over 5 (Python start included)"
+        f"  `dgan jobs submit noop` as a process  : {summary(cli)} over {repeats} (Python start "
+        "included)"
     )
 
 
@@ -105,7 +106,7 @@ def start_latency(work: Path, n: int) -> None:
     print(f"  submit -> the job's process runs it   : {summary(running)} over {n} (goal < 1 s)")
 
 
-def list_time(work: Path, n: int) -> None:
+def list_time(work: Path, n: int, repeats: int) -> None:
     db = work / "list.db"
     spec = build_spec("noop", [])
     t0 = time.perf_counter()
@@ -114,10 +115,13 @@ def list_time(work: Path, n: int) -> None:
     print(f"  queued {n} jobs in one transaction in {time.perf_counter() - t0:.2f} s")
     dgan("jobs", "list", "--db", str(db), cwd=work, env=CACHED)  # writes the bytecode
     for label, env in (("bytecode cached", CACHED), ("recompiled", ENV)):
-        times = [dgan("jobs", "list", "--db", str(db), cwd=work, env=env) for _ in range(5)]
-        floor = [dgan("--help", cwd=work, env=env) for _ in range(5)]
-        print(f"  `dgan jobs list` over {n} jobs, {label}: {summary(times)} over 5 (goal < 300 ms)")
-        print(f"    `dgan --help` ({label}), the floor  : {summary(floor)} over 5")
+        times = [dgan("jobs", "list", "--db", str(db), cwd=work, env=env) for _ in range(repeats)]
+        floor = [dgan("--help", cwd=work, env=env) for _ in range(repeats)]
+        print(
+            f"  `dgan jobs list` over {n} jobs, {label}: {summary(times)} over {repeats} "
+            "(goal < 300 ms)"
+        )
+        print(f"    `dgan --help` ({label}), the floor  : {summary(floor)} over {repeats}")
     from jobs.cli import _list_lines
 
     with Store(db) as store:
@@ -127,8 +131,11 @@ def list_time(work: Path, n: int) -> None:
             _list_lines(store, [], [], 50)
             inside.append(time.perf_counter() - t0)
     print(f"  the list itself (queries + table)      : {summary(inside)} over 5")
-    every = [dgan("jobs", "list", "--db", str(db), "--limit", "0", cwd=work) for _ in range(3)]
-    print(f"  `dgan jobs list --limit 0` (all rows)  : {summary(every)} over 3")
+    every = [
+        dgan("jobs", "list", "--db", str(db), "--limit", "0", cwd=work)
+        for _ in range(max(1, repeats * 3 // 5))
+    ]
+    print(f"  `dgan jobs list --limit 0` (all rows)  : {summary(every)} over {len(every)}")
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "cli", "jobs", "list", "--db", str(db)],
         cwd=work, env=ENV, capture_output=True, text=True, check=True,
@@ -213,16 +220,21 @@ def main() -> None:
     parser.add_argument("--list-jobs", type=int, default=10_000)
     parser.add_argument("--claims", type=int, default=1_000)
     parser.add_argument("--end-to-end", type=int, default=1_000)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs of each timed command (a process each)"
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     print(f"machine: {load()}")
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         work = Path(tmp)
         print("submit latency")
-        submit_latency(work, args.submits)
+        submit_latency(work, args.submits, args.repeats)
         print("submit to start on an idle worker (--slots 1)")
         start_latency(work, args.starts)
         print(f"dgan jobs list with {args.list_jobs} jobs in the queue")
-        list_time(work, args.list_jobs)
+        list_time(work, args.list_jobs, args.repeats)
         print(f"claiming {args.claims} no-op jobs with 2 workers")
         claim_throughput(work, args.claims)
         if args.end_to_end:

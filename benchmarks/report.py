@@ -66,7 +66,7 @@ SPEED_ARGS = {
     "tiny": ("--size 32 --batch 2 --width 8 --repeats 1 --threads 1",
              "--config demo --batch 8 --n 16 --memory-n",
              None,  # a second Ray start for what the search's study already runs
-             "--submits 2 --starts 1 --list-jobs 50 --claims 10 --end-to-end 2"),
+             "--submits 2 --starts 1 --list-jobs 50 --claims 10 --end-to-end 2 --repeats 1"),
 }  # fmt: skip
 
 

@@ -356,6 +356,12 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
         assert sets
         for g in sets:
             assert 0 <= figures[f"real_set_accuracy_{g}"] <= 1, g
+            for category in g.split("-"):  # each asked category: the share called without it
+                assert 0 <= figures[f"set_missed_{category}_{g}"] <= 1, (category, g)
+                assert f"    called without {category}" in result.output, result.output
+            assert 0 <= figures[f"set_added_{g}"] <= 1, g
+        assert not any(k.startswith("real_set_missed") for k in figures)
+    assert "called with a category not asked" in result.output
     assert report["n"] == {"train": 6, "transfer": 6}
     assert report["realism_n"] == {"train": 8, "transfer": 4}
     floors = [report["figures"][s]["realism_floor"] for s in ("train", "transfer")]
@@ -404,7 +410,7 @@ class PixelJudge:
         return logits, logits
 
 
-def test_control_figures_and_their_ceilings_on_hand_made_images():
+def test_control_figures_their_misses_and_ceilings_on_hand_made_images():
     from dgan.evaluation.realism import RealismInputs, _inspector_calls
 
     def images(*codes):  # each code: the classes pixel (0, c) says are present
@@ -418,11 +424,16 @@ def test_control_figures_and_their_ceilings_on_hand_made_images():
         "train", images((0,), (1,), (0, 1), (0, 1)), labels, ["a", "a", "a-b", "a-b"],
         images((), (), (), ()), images((), (), (), (0,)), "hand-made",
     )  # fmt: skip
-    fakes, restored = images((0,), (0,), (0,), ()), images((1,), (), (), ())
+    fakes, restored = images((0,), (0, 1), (0,), ()), images((1,), (), (), ())
     figures = _inspector_calls(PixelJudge(), [0, 1], fakes, restored, inputs, "cpu")
     assert figures == {
-        "set_accuracy_a": 1.0,  # both called exactly "a"
+        "set_accuracy_a": 0.5,  # one called exactly "a", one "a" and "b"
         "set_accuracy_a-b": 0.0,  # one called "a" alone, one nothing
+        "set_missed_a_a": 0.0,
+        "set_added_a": 0.5,  # the "b" not asked
+        "set_missed_a_a-b": 0.5,  # the one called nothing
+        "set_missed_b_a-b": 1.0,  # neither called "b"
+        "set_added_a-b": 0.0,
         "real_set_accuracy_a": 0.5,  # the real "a" that reads "b" is a miss
         "real_set_accuracy_a-b": 1.0,
         "restored_called_normal": 0.75,

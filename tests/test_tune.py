@@ -340,6 +340,24 @@ def run_cli_train(workdir: Path, data: Path, *args: str) -> subprocess.Completed
 # ---------------------------------------------------------------------------------------------
 
 
+def test_an_objective_from_the_inspectors_calls_needs_an_inspector_and_the_realism_test():
+    from dgan.tune.study import check_objective
+
+    def gan(*overrides: str):
+        return load_config("gan", ["demo"], list(overrides))
+
+    name = "set_missed_spallation_crack-spallation"  # a set's defacements called without spall
+    check_objective(name, gan("eval.inspector=runs/inspector/00000-inspector"))
+    with pytest.raises(DganError, match="it needs a frozen inspector"):
+        check_objective(name, gan())
+    with pytest.raises(DganError, match="realism=false turns off the realism test, whose images"):
+        check_objective(name, gan("eval.inspector=judge", "eval.realism=false"))
+    with pytest.raises(DganError, match="realism=false turns off the realism test, whose images"):
+        check_objective("set_accuracy_crack", gan("eval.inspector=judge", "eval.realism=false"))
+    with pytest.raises(DganError, match="unknown objective 'set_missing'"):
+        check_objective("set_missing", gan("eval.inspector=judge"))
+
+
 def test_the_built_in_spaces_are_log_uniform_a_factor_of_4_around_the_papers_values():
     from dgan.tune.space import load_space
 

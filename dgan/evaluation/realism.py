@@ -14,6 +14,8 @@ called exactly their label set (`set_accuracy_<set>`) and of restorations called
 defects called exactly their label set (`real_set_accuracy_<set>`) and the real normals called
 defect-free (`real_called_normal`). Those are the inspector's own ceilings: a defacement called
 its label set more often than a real defect of that set is easier to read than the real thing.
+How the others miss: `set_missed_<category>_<set>`, the share of a set's defacements called without
+one category it asked for, and `set_added_<set>`, the share called with a category not asked.
 With `repeats` above 1, every test runs at that many classifier seeds (each its own halves and
 initial weights) on the same images; its figures are their means, and `realism_auc_std`,
 `realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std` their spread.
@@ -136,7 +138,8 @@ def realism_figures(
     held-out log loss of both (realism_log_loss, realism_log_loss_restored); with an
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
     set_accuracy_<set> and restored_called_normal too, with their ceilings on the real images
-    (real_set_accuracy_<set>, real_called_normal)."""
+    (real_set_accuracy_<set>, real_called_normal), and set_missed_<category>_<set> and
+    set_added_<set>."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
     steps, repeats = inputs.steps, inputs.repeats
     defaced = repeated_test(
@@ -167,13 +170,31 @@ def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dic
         return torch.cat(rows)
 
     groups = np.asarray(inputs.groups)
+    asked = inputs.labels.bool()
     out = {}
     for prefix, images in (("", fakes), ("real_", inputs.defects)):
-        exact = (called(images) == inputs.labels.bool()).all(dim=1).numpy()
+        calls = called(images)
+        exact = (calls == asked).all(dim=1).numpy()
         for g in dict.fromkeys(groups):
             out[f"{prefix}set_accuracy_{g}"] = float(exact[groups == g].mean())
+            if not prefix:  # how the defacements miss: which asked category, or one not asked
+                rows = torch.from_numpy(groups == g)
+                out |= _misses(g, calls[rows], asked[rows])
     out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
     out["real_called_normal"] = float((~called(inputs.normals).any(dim=1)).float().mean())
+    return out
+
+
+def _misses(group: str, calls: Tensor, asked: Tensor) -> dict[str, float]:
+    """For the defacements of label set `group`: set_missed_<category>_<group>, the share called
+    without that asked category, and set_added_<group>, the share called with one not asked."""
+    columns = asked[0].nonzero().flatten().tolist()
+    names = group.split("-")  # label_set_name joins the asked categories in column order
+    out = {
+        f"set_missed_{name}_{group}": float((~calls[:, c]).float().mean())
+        for name, c in zip(names, columns, strict=True)
+    }
+    out[f"set_added_{group}"] = float((calls & ~asked).any(dim=1).float().mean())
     return out
 
 

@@ -80,10 +80,11 @@ class SynthReport:
         rows = []
         sets = sorted(
             {
-                k.removeprefix("realism_auc_")
+                k.removeprefix(prefix)
                 for f in self.figures.values()
                 for k in f
-                if k.startswith("realism_auc_") and k not in dict(FIGURES)  # not _restored, _std
+                for prefix in ("realism_auc_", "set_accuracy_")
+                if k.startswith(prefix) and k not in dict(FIGURES)  # not _restored, _std
             }
         )
         names = [
@@ -96,6 +97,8 @@ class SynthReport:
                 for row in (
                     (f"set_accuracy_{g}", f"  asked {g}, called exactly that"),
                     (f"real_set_accuracy_{g}", f"    its ceiling: real {g}, called that"),
+                    *((f"set_missed_{c}_{g}", f"    called without {c}") for c in g.split("-")),
+                    (f"set_added_{g}", "    called with a category not asked"),
                 )
             ),
         ]

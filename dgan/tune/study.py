@@ -43,9 +43,11 @@ SHARED_FILESYSTEMS = (
 )  # fmt: skip
 # Metrics the periodic evaluation gives only with an inspector, or only with Inception weights.
 NEEDS_INSPECTOR = ("fid_inspector", "kid_inspector", "category_accuracy", "set_accuracy",
-                   "restored_called_normal")  # fmt: skip
+                   "set_missed", "set_added", "restored_called_normal")  # fmt: skip
 NEEDS_INCEPTION = ("fid", "kid")
 REALISM = ("realism_auc", "realism_log_loss")  # the realism test's two statistics
+# The inspector's calls on the realism test's images (dgan.evaluation.realism._inspector_calls).
+CALLS = ("set_accuracy", "set_missed", "set_added", "restored_called_normal")
 # What a trial's reports hold: the periodic evaluation's figures (dgan.evaluation.periodic) and
 # the running means of the loss terms (Eq. 11-12), by their registered base names.
 TRIAL_METRICS = (
@@ -104,6 +106,8 @@ def check_objective(name: str, gan: GanConfig) -> None:
         )
     elif metric.name in REALISM and not gan.eval.realism:
         missing = "gan.eval.realism=false turns the realism test off"
+    elif metric.name in CALLS and not gan.eval.realism:
+        missing = "gan.eval.realism=false turns off the realism test, whose images it judges"
     elif metric.name in REALISM and name.endswith("_transfer"):
         missing = "the realism test runs on the train split only"
     if missing:
