@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_training_state, tiny_gan_config
+from conftest import TINY_GAN, assert_same_training_state, tiny_gan_config
 
 from dgan.run import checkpoint as ckpt
+from dgan.run.launch import free_port
 from dgan.train.gan import run_gan
 
 LAYERED = ("generator.label_sets=layered", "generator.layers=[[spallation, exposed_bars]]")
@@ -80,21 +84,12 @@ for _ in range(2):
 def test_cli_under_torchrun_runs_jobs_across_two_processes_and_closes_its_process_group_at_exit(
     tiny_folder, workdir
 ):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import TINY_GAN
-
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
     sets = [f"--set={s}" for s in (*TINY_GAN, "train.iterations=4")]
     script = workdir / "cli_twice.py"
     script.write_text(CLI_TWICE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    from dgan.run.launch import free_port
-
     cmd += [
         "--master_port", str(free_port()), str(script),
         "train", "gan", "--data", str(tiny_folder), "--quiet",
@@ -133,13 +128,6 @@ print(f"rank {accelerator.process_index}: saved {final.name}")
 
 @pytest.mark.slow
 def test_a_checkpoint_is_published_only_after_the_slowest_process_wrote_its_rng_state(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from dgan.run.launch import free_port
-
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1"}
     script = tmp_path / "slow_rank_save.py"
@@ -157,7 +145,7 @@ def test_a_checkpoint_is_published_only_after_the_slowest_process_wrote_its_rng_
 def test_close_process_group_destroys_an_open_group_and_does_nothing_without_one():
     import torch.distributed as dist
 
-    from dgan.run.launch import close_process_group, free_port
+    from dgan.run.launch import close_process_group
 
     try:
         dist.init_process_group(

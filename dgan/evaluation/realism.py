@@ -176,9 +176,9 @@ def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dic
         calls = called(images)
         exact = (calls == asked).all(dim=1).numpy()
         for g in dict.fromkeys(groups):
-            out[f"{prefix}set_accuracy_{g}"] = float(exact[groups == g].mean())
+            rows = groups == g
+            out[f"{prefix}set_accuracy_{g}"] = float(exact[rows].mean())
             if not prefix:  # how the defacements miss: which asked category, or one not asked
-                rows = torch.from_numpy(groups == g)
                 out |= _misses(g, calls[rows], asked[rows])
     out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
     out["real_called_normal"] = float((~called(inputs.normals).any(dim=1)).float().mean())

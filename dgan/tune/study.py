@@ -42,12 +42,11 @@ SHARED_FILESYSTEMS = (
     "orangefs", "9p",
 )  # fmt: skip
 # Metrics the periodic evaluation gives only with an inspector, or only with Inception weights.
-NEEDS_INSPECTOR = ("fid_inspector", "kid_inspector", "category_accuracy", "set_accuracy",
-                   "set_missed", "set_added", "restored_called_normal")  # fmt: skip
-NEEDS_INCEPTION = ("fid", "kid")
-REALISM = ("realism_auc", "realism_log_loss")  # the realism test's two statistics
 # The inspector's calls on the realism test's images (dgan.evaluation.realism._inspector_calls).
 CALLS = ("set_accuracy", "set_missed", "set_added", "restored_called_normal")
+NEEDS_INSPECTOR = ("fid_inspector", "kid_inspector", "category_accuracy", *CALLS)
+NEEDS_INCEPTION = ("fid", "kid")
+REALISM = ("realism_auc", "realism_log_loss")  # the realism test's two statistics
 # What a trial's reports hold: the periodic evaluation's figures (dgan.evaluation.periodic) and
 # the running means of the loss terms (Eq. 11-12), by their registered base names.
 TRIAL_METRICS = (
