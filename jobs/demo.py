@@ -85,10 +85,9 @@ class Demo:
         self.tracking_uri = self._tracking_uri()
 
     def _tracking_uri(self) -> str:
-        from dgan.tracking.source import absolute_store_uri
-        from dgan.tracking.tracker import resolve_tracking_uri
+        from dgan.tracking.tracker import store_uri
 
-        return absolute_store_uri(resolve_tracking_uri(self.o.tracking_uri))
+        return store_uri(self.o.tracking_uri)
 
     # -- the step machinery -------------------------------------------------------------------
 

@@ -104,11 +104,9 @@ def _mlflow(tracking_uri: str | None, run_id: str | None) -> dict[str, str]:
     """The tracking URI (absolute) and the run's page in the MLflow UI."""
     if run_id is None:
         return {}
-    from dgan.tracking.tracker import open_client, resolve_tracking_uri
+    from dgan.tracking.tracker import open_client, store_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    uri = store_uri(tracking_uri)
     try:
         experiment = open_client(uri).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a link is a convenience; the run id is what counts

@@ -44,6 +44,9 @@ def model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def client_for(uri: str):
     import mlflow
 
+    from dgan.tracking.tracker import absolute_store_uri
+
+    uri = absolute_store_uri(uri)  # MLflow keeps an engine per URI string: one per file
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -155,6 +158,36 @@ def test_runs_that_start_together_share_one_experiment_and_one_dataset_row(store
                 "SELECT COUNT(*) FROM datasets WHERE experiment_id = ?", (started[0].experiment_id,)
             ).fetchall()
         assert rows == [(1,)]
+
+
+def test_a_relative_sqlite_store_follows_the_working_directory_within_one_process(
+    mlflow_schema, tmp_path, monkeypatch
+):
+    """MLflow keeps one engine per URI string, with its connections open: `sqlite:///mlflow.db`
+    given as is would keep writing to the first directory's file after a change of directory."""
+    import shutil
+    import sqlite3
+
+    from dgan.tracking.tracker import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for folder, name in zip(folders, ["run-a", "run-b"], strict=True):
+        folder.mkdir()
+        shutil.copyfile(mlflow_schema, folder / "mlflow.db")
+        monkeypatch.chdir(folder)
+        tracker = Tracker(True, "sqlite:///mlflow.db", "relative-store", name)
+        tracker.log_metrics({"g_total": 1.0}, step=1)
+        tracker.finish()
+        registry.register(
+            f"runs:/{tracker.run_id}/model", f"model-{name}", {}, None, tracker.run_id
+        )
+    for folder, name in zip(folders, ["run-a", "run-b"], strict=True):
+        with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db:
+            assert [r[0] for r in db.execute("SELECT name FROM runs")] == [name]
+            assert [r[0] for r in db.execute("SELECT name FROM model_versions")] == [
+                f"model-{name}"
+            ]
 
 
 def test_promotion_settings_are_checked_before_any_work():

@@ -71,7 +71,7 @@ def test_a_run_writes_config_checkpoints_samples_generator_and_mlflow_metrics(ti
 
     import mlflow
 
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     run = client.get_run(status["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.n_critic"] == "5"

@@ -173,11 +173,9 @@ def check_storage(storage: str | Path | None, address: str, spans_machines: bool
 
 def check_tracking(config, address: str, spans_machines: bool) -> str:
     """The config's MLflow URI, absolute; on a cluster that spans machines, a server's."""
-    from dgan.tracking.tracker import resolve_tracking_uri
+    from dgan.tracking.tracker import store_uri
 
-    uri = resolve_tracking_uri(config.log.tracking_uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = store_uri(config.log.tracking_uri)
     if spans_machines and not uri.startswith(("http://", "https://", "databricks")):
         raise DganError(
             f"--ray-address {address}: the main worker may run on another machine, where the "

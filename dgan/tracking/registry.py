@@ -63,7 +63,12 @@ def registry_client(tracking_uri: str | None = None, existing: bool = True):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from dgan.tracking.tracker import check_reachable, require_store, resolve_tracking_uri
+    from dgan.tracking.tracker import (
+        absolute_store_uri,
+        check_reachable,
+        require_store,
+        resolve_tracking_uri,
+    )
 
     uri = resolve_tracking_uri(tracking_uri)
     if existing:
@@ -71,6 +76,7 @@ def registry_client(tracking_uri: str | None = None, existing: bool = True):
     else:
         check_reachable(uri)
     # An explicit registry URI: a process-wide mlflow.set_registry_uri must not redirect us.
+    uri = absolute_store_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

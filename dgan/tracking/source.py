@@ -108,15 +108,14 @@ def download_mlflow_model(uri: str, tracking_uri: str | None = None) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    from dgan.tracking.tracker import require_store, resolve_tracking_uri
+    from dgan.tracking.tracker import require_store, store_uri
 
-    tracking = resolve_tracking_uri(tracking_uri)
+    tracking = store_uri(tracking_uri)
     require_store(tracking)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
     uri, identity = _pin(uri, tracking)
-    store = absolute_store_uri(tracking)
-    key = hashlib.sha256(f"{store}\n{uri}\n{identity}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{tracking}\n{uri}\n{identity}".encode()).hexdigest()[:24]
     final = cache_root() / key
     if final.is_dir() and (found := find_model_dir(final)):
         return found
@@ -162,13 +161,6 @@ def _pin(uri: str, tracking: str) -> tuple[str, str]:
         return uri, ""
     pinned = f"models:/{name}/{version.version}"
     return pinned, getattr(version, "model_id", None) or version.source
-
-
-def absolute_store_uri(tracking: str) -> str:
-    """sqlite:///mlflow.db relative to the working directory, made absolute; others unchanged."""
-    if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(tracking.removeprefix("sqlite:///")).resolve())
-    return tracking
 
 
 def _first_line(err: Exception) -> str:

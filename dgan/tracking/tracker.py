@@ -26,6 +26,23 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def absolute_store_uri(tracking: str) -> str:
+    """sqlite:///mlflow.db relative to the working directory, made absolute; others unchanged."""
+    if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(tracking.removeprefix("sqlite:///")).resolve())
+    return tracking
+
+
+def store_uri(explicit: str | None = None) -> str:
+    """The URI an MLflow client is given: the resolved one, with a SQLite file made absolute.
+
+    MLflow keeps one database engine per URI string for the life of the process, and an engine
+    keeps its connections open. A relative `sqlite:///mlflow.db` would then reach the file of
+    the directory where it was first opened, even after the process changed directory.
+    """
+    return absolute_store_uri(resolve_tracking_uri(explicit))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -99,7 +116,7 @@ def open_client(uri: str | None = None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    return mlflow.MlflowClient(resolve_tracking_uri(uri))
+    return mlflow.MlflowClient(store_uri(uri))
 
 
 # What a store says when two writers insert the same unique row (SQLite, PostgreSQL, MySQL, and
@@ -161,8 +178,8 @@ class Tracker:
 
         self.uri = resolve_tracking_uri(uri)
         check_reachable(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
-        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(absolute_store_uri(self.uri))
+        mlflow.set_tracking_uri(self.client.tracking_uri)
         exp_id = _experiment_id(self.client, experiment)
         self.experiment, self.experiment_id = experiment, exp_id
         if run_id is None:

@@ -67,10 +67,9 @@ def serve_ui(
     tracking_uri: str | None, host: str, port: int, echo: Callable[[str], None] = print
 ) -> int:
     """Start `mlflow server` on the store, print the links, and wait; Ctrl-C stops it."""
-    from dgan.tracking.source import absolute_store_uri
-    from dgan.tracking.tracker import resolve_tracking_uri
+    from dgan.tracking.tracker import store_uri
 
-    uri = absolute_store_uri(resolve_tracking_uri(tracking_uri))
+    uri = store_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         raise DganError(
             f"{uri} is an MLflow server already: open it in a browser. dgan ui serves a local "

@@ -470,16 +470,14 @@ def trial_base_config(study: Study) -> GanConfig:
     if "base_config" in study.state:  # a resumed study's trials must see the same config
         return GanConfig.model_validate(study.state["base_config"])
     from dgan.data import ensure_demo_dataset
-    from dgan.tracking.tracker import resolve_tracking_uri
+    from dgan.tracking.tracker import store_uri
     from dgan.train.gan import GanJob
 
     gan = study.gan
     root = Path(gan.data.root) if gan.data.root is not None else ensure_demo_dataset()
     if not root.is_dir():
         raise DganError(f"gan.data.root {root} is not a directory", exit_code=2)
-    uri = resolve_tracking_uri(gan.log.tracking_uri)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = store_uri(gan.log.tracking_uri)
     total = gan.train.iterations
     trials = gan.model_copy(
         update={
