@@ -673,8 +673,9 @@ def eval_synth(
 
     With --inspector, each control figure has its ceiling beside it: the same inspector's calls
     on the real defects of that label set, and on the real normals. A ceiling far below 1 says the
-    inspector, not G, is the weak link there. Under each label set, how its defacements miss it:
-    the share called without each asked category, and the share called with one not asked.
+    inspector, not G, is the weak link there. Under each label set's exact-match figure: its 95%
+    Wilson interval and its number of images ("0.36-0.78 of 17"), then how its defacements miss
+    it: the share called without each asked category, and the share called with one not asked.
 
     One classifier's AUC moves with its seed. --realism-repeats K averages K of them, each on its
     own halves, and prints their spread: compare two generators by figures whose difference

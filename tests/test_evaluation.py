@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from dgan.data import CODEBRIM_CLASSES, Sample
 from dgan.data.folder import write_labels
 from dgan.errors import DganError
+from dgan.evaluation.synth_report import wilson_interval
 from dgan.events import ConsoleEvents, Events
 from dgan.metrics import synthesis
 from dgan.metrics.fid import (
@@ -341,7 +342,7 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
     assert "category-control accuracy" in result.output and "transfer (N=6)" in result.output
     report = json.loads(out.read_text())
     assert set(report["figures"]) == {"train", "transfer"}
-    for figures in report["figures"].values():
+    for split, figures in report["figures"].items():
         assert 0 <= figures["category_accuracy"] <= 1
         assert 0 <= figures["background_area"] <= 1  # m may cover everything after 5 iterations
         assert (figures["background_change"] is None) == (figures["background_area"] == 0)
@@ -360,8 +361,14 @@ def test_eval_synth_reports_every_figure_on_the_split_and_on_the_transfer_family
                 assert 0 <= figures[f"set_missed_{category}_{g}"] <= 1, (category, g)
                 assert f"    called without {category}" in result.output, result.output
             assert 0 <= figures[f"set_added_{g}"] <= 1, g
-        assert not any(k.startswith("real_set_missed") for k in figures)
+        # every defacement is judged in exactly one label set
+        assert sum(figures[f"set_size_{g}"] for g in sets) == report["realism_n"][split]
+        assert not any(k.startswith(("real_set_missed", "real_set_size")) for k in figures)
     assert "called with a category not asked" in result.output
+    assert "its 95% interval (Wilson), of n images" in result.output
+    for g in sets:  # the transfer split's last: its interval, of its own n
+        low, high = wilson_interval(figures[f"set_accuracy_{g}"], int(figures[f"set_size_{g}"]))
+        assert f"{low:.2f}-{high:.2f} of {int(figures[f'set_size_{g}'])}" in result.output
     assert report["n"] == {"train": 6, "transfer": 6}
     assert report["realism_n"] == {"train": 8, "transfer": 4}
     floors = [report["figures"][s]["realism_floor"] for s in ("train", "transfer")]
@@ -434,11 +441,25 @@ def test_control_figures_their_misses_and_ceilings_on_hand_made_images():
         "set_missed_a_a-b": 0.5,  # the one called nothing
         "set_missed_b_a-b": 1.0,  # neither called "b"
         "set_added_a-b": 0.0,
+        "set_size_a": 2.0,
+        "set_size_a-b": 2.0,
         "real_set_accuracy_a": 0.5,  # the real "a" that reads "b" is a miss
         "real_set_accuracy_a-b": 1.0,
         "restored_called_normal": 0.75,
         "real_called_normal": 0.75,  # the last real normal reads "a"
     }
+
+
+def test_wilson_interval_matches_its_closed_form_and_stays_inside_0_and_1():
+    low, high = wilson_interval(0.5, 10)  # 5 of 10: 0.2366-0.7634 in every table of it
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
+    low, high = wilson_interval(0.0, 10)  # none of 10: not empty, and no bound below 0
+    assert low == 0.0 and round(high, 4) == 0.2775
+    low, high = wilson_interval(1.0, 17)
+    assert high == 1.0 and round(low, 4) == 0.8157  # n / (n + z^2) at p = 1
+    wide, narrow = wilson_interval(0.9, 17), wilson_interval(0.9, 170)
+    assert wide[0] < narrow[0] < 0.9 < narrow[1] < wide[1]
+    assert all(v != v for v in wilson_interval(0.5, 0))  # no images: no interval (NaN)
 
 
 def test_eval_synth_without_inspector_says_what_it_skips(trained):

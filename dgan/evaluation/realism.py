@@ -16,9 +16,11 @@ defect-free (`real_called_normal`). Those are the inspector's own ceilings: a de
 its label set more often than a real defect of that set is easier to read than the real thing.
 How the others miss: `set_missed_<category>_<set>`, the share of a set's defacements called without
 one category it asked for, and `set_added_<set>`, the share called with a category not asked.
-With `repeats` above 1, every test runs at that many classifier seeds (each its own halves and
-initial weights) on the same images; its figures are their means, and `realism_auc_std`,
-`realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std` their spread.
+`set_size_<set>` is the number of a set's defacements judged, so that its accuracy can be read
+with its interval. With `repeats` above 1, every test runs at that many classifier seeds (each
+its own halves and initial weights) on the same images; its figures are their means, and
+`realism_auc_std`, `realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std`
+their spread.
 """
 
 from __future__ import annotations
@@ -138,8 +140,8 @@ def realism_figures(
     held-out log loss of both (realism_log_loss, realism_log_loss_restored); with an
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
     set_accuracy_<set> and restored_called_normal too, with their ceilings on the real images
-    (real_set_accuracy_<set>, real_called_normal), and set_missed_<category>_<set> and
-    set_added_<set>."""
+    (real_set_accuracy_<set>, real_called_normal), set_missed_<category>_<set>,
+    set_added_<set> and set_size_<set>."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
     steps, repeats = inputs.steps, inputs.repeats
     defaced = repeated_test(
@@ -178,7 +180,8 @@ def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dic
         for g in dict.fromkeys(groups):
             rows = groups == g
             out[f"{prefix}set_accuracy_{g}"] = float(exact[rows].mean())
-            if not prefix:  # how the defacements miss: which asked category, or one not asked
+            if not prefix:  # how many were judged, and how they miss
+                out[f"set_size_{g}"] = float(rows.sum())
                 out |= _misses(g, calls[rows], asked[rows])
     out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
     out["real_called_normal"] = float((~called(inputs.normals).any(dim=1)).float().mean())

@@ -39,6 +39,23 @@ FIGURES = (
     ("restored_called_normal", "restored real defects called defect-free"),
     ("real_called_normal", "  its ceiling: real normals called defect-free"),
 )
+INTERVAL_Z = 1.96  # the 95% interval that each label set's exact-match accuracy prints with
+
+
+def wilson_interval(p: float, n: int, z: float = INTERVAL_Z) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `p` observed in `n` trials (Wilson, JASA 1927).
+
+    Unlike p +- z * sqrt(p (1 - p) / n), it stays inside [0, 1] and is not empty at p = 0 or 1,
+    which is where a label set of 17 images often lands.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 REALISM_NOTE = (
     "  realism: a fresh classifier trained on half of each set, ROC-AUC on the other half "
     "(0.5: it cannot tell G's images from real ones; 1.0: it always can)"
@@ -73,6 +90,13 @@ class SynthReport:
             },
         }
 
+    def _interval(self, split: str, accuracy: str, size: str) -> str:
+        p, n = self.figures[split].get(accuracy, math.nan), self.figures[split].get(size, math.nan)
+        if math.isnan(p) or math.isnan(n):
+            return "-"
+        low, high = wilson_interval(p, round(n))
+        return f"{low:.2f}-{high:.2f} of {round(n)}"
+
     def format(self) -> str:
         from dgan.report import text_table
 
@@ -96,6 +120,7 @@ class SynthReport:
                 for g in sets
                 for row in (
                     (f"set_accuracy_{g}", f"  asked {g}, called exactly that"),
+                    (f"set_size_{g}", "    its 95% interval (Wilson), of n images"),
                     (f"real_set_accuracy_{g}", f"    its ceiling: real {g}, called that"),
                     *((f"set_missed_{c}_{g}", f"    called without {c}") for c in g.split("-")),
                     (f"set_added_{g}", "    called with a category not asked"),
@@ -106,6 +131,10 @@ class SynthReport:
         for key, label in names:
             values = [self.figures[s].get(key, math.nan) for s in splits]
             if all(math.isnan(v) for v in values):
+                continue
+            if key.startswith("set_size_"):  # shown as the accuracy's interval, of n
+                accuracy = key.replace("set_size_", "set_accuracy_", 1)
+                rows.append([label, *(self._interval(s, accuracy, key) for s in splits)])
                 continue
             rows.append([label, *("-" if math.isnan(v) else f"{v:.4f}" for v in values)])
         header = ["figure", *(f"{s} (N={self.n[s]})" for s in splits)]

@@ -64,6 +64,7 @@ METRICS: dict[str, Metric] = {
         Metric("set_accuracy", "max", "inspector calls a defacement exactly its label set", True),
         Metric("set_missed", "min", "a set's defacements called without a category asked", True),
         Metric("set_added", "min", "a set's defacements called with a category not asked", True),
+        Metric("set_size", None, "defacements judged per label set (set_accuracy's n)", True),
         Metric("restored_called_normal", "max", "inspector calls a restoration defect-free"),
         Metric("real_set_accuracy", None, "set_accuracy's ceiling: on real defects", True),
         Metric("real_called_normal", None, "restored_called_normal's ceiling: on real normals"),
