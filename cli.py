@@ -659,6 +659,13 @@ def eval_synth(
             "costs one more classifier (about 10 s at 32 px on 2 CPU cores)."
         ),
     ] = 1,
+    control_repeats: Annotated[
+        int,
+        typer.Option(
+            help="With --inspector: defacements per real defect that it judges, each on other "
+            "normals, so that rare label sets are judged on K times as many images."
+        ),
+    ] = 1,
     json_out: JsonOpt = None,
 ) -> None:
     """Synthesis quality: realism, category-control accuracy (with --inspector), background
@@ -676,6 +683,8 @@ def eval_synth(
     inspector, not G, is the weak link there. Under each label set's exact-match figure: its 95%
     Wilson interval and its number of images ("0.36-0.78 of 17"), then how its defacements miss
     it: the share called without each asked category, and the share called with one not asked.
+    A label set as rare as 17 real defects gives a wide interval; --control-repeats K has the
+    inspector judge K defacements per real defect, each on other normals.
 
     One classifier's AUC moves with its seed. --realism-repeats K averages K of them, each on its
     own halves, and prints their spread: compare two generators by figures whose difference
@@ -684,13 +693,16 @@ def eval_synth(
     Example: dgan eval synth runs/gan/00000-gan data/demo --inspector runs/inspector/00000-inspector
 
     Example: dgan eval synth runs/gan/00000-gan data/demo --realism-repeats 5
+
+    Example: dgan eval synth runs/gan/00000-gan data/demo --control-repeats 5
+    --inspector runs/inspector/00000-inspector
     """
     from dgan.evaluation.synth_report import evaluate_synthesis
     from dgan.io import atomic_write_text
 
     report = evaluate_synthesis(
         model, data, inspector, n, split, seed, batch_size, tracking_uri, realism,
-        realism_repeats=realism_repeats,
+        realism_repeats=realism_repeats, control_repeats=control_repeats,
     )  # fmt: skip
     typer.echo(report.format())
     if json_out:

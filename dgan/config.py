@@ -28,6 +28,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 
 MAX_REALISM_REPEATS = 20  # classifier seeds per realism figure (eval.realism_repeats)
+MAX_CONTROL_REPEATS = 20  # defacements per real defect that the inspector judges
 
 
 def check_realism_repeats(repeats: int) -> None:
@@ -37,6 +38,18 @@ def check_realism_repeats(repeats: int) -> None:
         raise DganError(
             f"--realism-repeats must be between 1 and {MAX_REALISM_REPEATS}, got {repeats}: "
             "each repeat trains one more classifier per test (1 for the plain test)",
+            exit_code=2,
+        )
+
+
+def check_control_repeats(repeats: int) -> None:
+    """DganError (exit code 2) unless 1 <= repeats <= MAX_CONTROL_REPEATS, in the words of the
+    --control-repeats option (`dgan eval synth`, and its queued job)."""
+    if not 1 <= repeats <= MAX_CONTROL_REPEATS:
+        raise DganError(
+            f"--control-repeats must be between 1 and {MAX_CONTROL_REPEATS}, got {repeats}: "
+            "each repeat defaces every label set once more, on other normals (1 for one "
+            "defacement per real defect)",
             exit_code=2,
         )
 
@@ -299,6 +312,10 @@ class GanEvalConfig(Section):
     # figures are their means, realism_auc_std and realism_auc_restored_std their spread. 1 is
     # one test; each repeat costs one more.
     realism_repeats: int = Field(1, ge=1, le=MAX_REALISM_REPEATS)
+    # Defacements per real defect that eval.inspector judges, each repeat on other normals: the
+    # label-set figures (set_accuracy_<set> and how a set is missed) count K times as many
+    # images, for the rare sets. The realism test still takes one per real defect.
+    control_repeats: int = Field(1, ge=1, le=MAX_CONTROL_REPEATS)
 
 
 class GanConfig(Section):

@@ -215,7 +215,7 @@ def _eval_synth(spec, job_dir: Path, events, progress: Progress) -> dict[str, An
     s = spec
     report = evaluate_synthesis(
         s.model, Path(s.data), s.inspector, s.n, s.split, s.seed, s.batch_size, s.tracking_uri,
-        realism=s.realism, realism_repeats=s.realism_repeats,
+        realism=s.realism, realism_repeats=s.realism_repeats, control_repeats=s.control_repeats,
     )  # fmt: skip
     # Figures on the held-out family end in _transfer, as during training.
     metrics = {

@@ -22,11 +22,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dgan.config import (
+    MAX_CONTROL_REPEATS,
     MAX_REALISM_REPEATS,
     GanConfig,
     InspectorConfig,
     SynthConfig,
     TuneConfig,
+    check_control_repeats,
     check_realism_repeats,
     load_config,
 )
@@ -127,6 +129,7 @@ class EvalSynthSpec(SpecBase):
     tracking_uri: str | None = None
     realism: bool = True
     realism_repeats: int = Field(1, ge=1, le=MAX_REALISM_REPEATS)
+    control_repeats: int = Field(1, ge=1, le=MAX_CONTROL_REPEATS)
     json_out: str | None = None
 
 
@@ -331,7 +334,8 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
 
 
 def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
-    check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks it
+    check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks them
+    check_control_repeats(params["control_repeats"])
     return _eval(EvalSynthSpec)(params, common)
 
 

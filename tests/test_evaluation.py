@@ -399,14 +399,40 @@ def test_eval_synth_realism_repeats_average_classifier_seeds_and_print_their_spr
     assert 0 <= train["realism_floor_std"] <= 0.6
 
 
+@pytest.mark.parametrize("option", ["--realism-repeats", "--control-repeats"])
 @pytest.mark.parametrize("repeats", ["0", "21"])
-def test_eval_synth_bad_realism_repeats_gets_a_message_and_exit_2(trained, repeats):
-    result = invoke(
-        "eval", "synth", str(trained.gan), str(trained.data), "--realism-repeats", repeats
-    )
+def test_eval_synth_bad_repeats_get_a_message_and_exit_2(trained, option, repeats):
+    result = invoke("eval", "synth", str(trained.gan), str(trained.data), option, repeats)
     assert result.exit_code == 2, result.output
-    assert f"--realism-repeats must be between 1 and 20, got {repeats}" in result.output
+    assert f"{option} must be between 1 and 20, got {repeats}" in result.output
     assert clean_exit(result), result.exception
+
+
+def test_control_repeats_judge_each_label_set_on_more_defacements_and_leave_realism_alone(
+    trained, tmp_path
+):
+    reports = []
+    for k in ("1", "3"):
+        out = tmp_path / f"synth-{k}.json"
+        result = invoke(
+            "eval", "synth", str(trained.gan), str(trained.data), "--inspector",
+            str(trained.inspector), "--n", "4", "--split", "train", "--control-repeats", k,
+            "--json", str(out),
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(out.read_text()))
+    assert "label sets judged on 3 defacements per real defect" in result.output
+    assert (reports[0]["control_repeats"], reports[1]["control_repeats"]) == (1, 3)
+    for split, once in reports[0]["figures"].items():
+        thrice = reports[1]["figures"][split]
+        sets = [k.removeprefix("set_size_") for k in once if k.startswith("set_size_")]
+        assert sets
+        for g in sets:  # three times the images, each set; the real defects' ceiling unchanged
+            assert thrice[f"set_size_{g}"] == 3 * once[f"set_size_{g}"], g
+            assert thrice[f"real_set_accuracy_{g}"] == once[f"real_set_accuracy_{g}"], g
+        # the realism test and restorations take the first defacement per real defect, as before
+        for name in ("realism_auc", "realism_auc_restored", "restored_called_normal"):
+            assert thrice[name] == once[name], (split, name)
 
 
 class PixelJudge:
@@ -462,6 +488,32 @@ def test_wilson_interval_matches_its_closed_form_and_stays_inside_0_and_1():
     assert all(v != v for v in wilson_interval(0.5, 0))  # no images: no interval (NaN)
 
 
+def test_control_repeats_count_every_defacement_in_its_label_set():
+    from dgan.evaluation.realism import RealismInputs, _inspector_calls
+
+    def images(*codes):
+        out = torch.zeros(len(codes), 3, 4, 4, dtype=torch.uint8)
+        for i, code in enumerate(codes):
+            out[i, 0, 0, list(code)] = 255
+        return out
+
+    labels = torch.tensor([[1, 0], [1, 1]], dtype=torch.float32)
+    inputs = RealismInputs(
+        "train", images((0,), (0, 1)), labels, ["a", "a-b"], images((), ()), images((), ()),
+        "hand-made", control_repeats=3,
+    )  # fmt: skip
+    # three repeats, one after another: [a, a-b], [a, a-b], [a, a-b]
+    fakes = images((0,), (0, 1), (0, 1), (0,), (), (0, 1))
+    figures = _inspector_calls(PixelJudge(), [0, 1], fakes, images((), ()), inputs, "cpu")
+    assert figures["set_size_a"] == 3.0 and figures["set_size_a-b"] == 3.0
+    assert figures["set_accuracy_a"] == pytest.approx(1 / 3)  # "a", then "a-b", then nothing
+    assert figures["set_added_a"] == pytest.approx(1 / 3)
+    assert figures["set_missed_a_a"] == pytest.approx(1 / 3)
+    assert figures["set_accuracy_a-b"] == pytest.approx(2 / 3)  # "a-b", "a" alone, "a-b"
+    assert figures["set_missed_b_a-b"] == pytest.approx(1 / 3)
+    assert figures["real_set_accuracy_a"] == 1.0  # the real defects count once
+
+
 def test_eval_synth_without_inspector_says_what_it_skips(trained):
     result = invoke(
         "eval", "synth", str(trained.gan), str(trained.data), "--n", "4", "--no-realism"
@@ -498,6 +550,60 @@ def test_training_evaluator_uses_the_same_inputs_every_time(trained):
     assert first == second
     assert {"fid_inspector", "kid_inspector", "category_accuracy", "diversity_l1"} <= set(first)
     assert "fid_inspector_transfer" in first and "background_area_transfer" in first
+
+
+def test_more_defacements_paint_each_label_set_again_on_other_normals(trained):
+    from dgan.data import open_dataset
+    from dgan.data.loader import select_classes
+    from dgan.evaluation.realism import make_realism_inputs, more_defacements, synthesize
+    from dgan.tracking.source import load_generator_from, resolve_model
+
+    G, gan_config, classes = load_generator_from(resolve_model(trained.gan, "gan"))
+    index = open_dataset(trained.data)
+    inputs = make_realism_inputs(
+        index, "train", select_classes(index, classes), classes, gan_config.data.image_size, 0,
+        control_repeats=3,
+    )  # fmt: skip
+    first, _ = synthesize(G, inputs, 0, 64, "cpu")
+    more = more_defacements(G, inputs, 0, 64, "cpu")
+    n = inputs.n
+    assert more.shape == (2 * n, *first.shape[1:]) and more.dtype == torch.uint8
+
+    def distance(a, b):
+        return (a.float() - b.float()).abs().mean()
+
+    # G keeps some of its input after 5 iterations: the first pass is nearer the normals it
+    # defaced, and each repeat nearer the other normals it was given (rolled by j * n // 3).
+    for j, repeat in enumerate(more.split(n), start=1):
+        rolled = inputs.to_deface.roll(j * n // 3, dims=0)
+        assert distance(repeat, rolled) < distance(repeat, inputs.to_deface), j
+        assert distance(first, inputs.to_deface) < distance(first, rolled), j
+    inputs.control_repeats = 1
+    assert len(more_defacements(G, inputs, 0, 64, "cpu")) == 0
+
+
+def test_training_evaluator_judges_label_sets_on_its_control_repeats(trained):
+    from accelerate import Accelerator
+
+    from dgan.evaluation.periodic import TrainingEvaluator
+    from dgan.tracking.source import load_generator_from, resolve_model
+
+    G, gan_config, classes = load_generator_from(resolve_model(trained.gan, "gan"))
+
+    def metrics(repeats: int) -> dict[str, float]:
+        e = gan_config.eval.model_copy(
+            update={"n": 4, "realism_n": 8, "realism_steps": 5, "control_repeats": repeats,
+                    "inspector": str(trained.inspector)}
+        )  # fmt: skip
+        log = gan_config.log.model_copy(update={"run_root": trained.root / "runs"})
+        config = gan_config.model_copy(update={"eval": e, "log": log})
+        return TrainingEvaluator(config, classes, Accelerator(cpu=True), Events())(G)
+
+    one, two = metrics(1), metrics(2)
+    sizes = {k: v for k, v in one.items() if k.startswith("set_size_")}
+    assert sizes and sum(sizes.values()) == 8  # one per real defect of the test
+    assert {k: two[k] for k in sizes} == {k: 2 * v for k, v in sizes.items()}
+    assert two["realism_auc"] == one["realism_auc"]
 
 
 def test_training_evaluator_averages_realism_repeats_and_logs_their_spread(trained):

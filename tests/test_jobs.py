@@ -262,6 +262,8 @@ steps:
         (["submit", "tune", "--set", "trials=0"], "trials"),
         (["submit", "eval-synth", "m", "d", "--realism-repeats", "0"],
          "--realism-repeats must be between 1 and 20, got 0"),
+        (["submit", "eval-synth", "m", "d", "--control-repeats", "21"],
+         "--control-repeats must be between 1 and 20, got 21"),
         (["pipeline", "{cycle}"], "wait on each other in a circle: a -> b -> a"),
         (["pipeline", "{missing}"], "'gan' (train-gan) makes model, run_dir"),
         (["pipeline", "{later}"], "'gan' is not an earlier step"),
@@ -269,7 +271,7 @@ steps:
     ids=[
         "unknown-kind", "unknown-option", "unknown-key", "bad-value", "bad-arguments",
         "resume", "missing-dependency", "missing-reference", "tune-config", "realism-repeats",
-        "cycle",
+        "control-repeats", "cycle",
         "output-not-made", "output-of-a-later-step",
     ],
 )  # fmt: skip
@@ -316,7 +318,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
         "synth": ["--n", "8", "--classes", "crack,spallation", "--region", "random-box"],
         "eval-inspector": ["m", "d", "--split", "val"],
         "eval-fid": ["m", "d", "--n", "4"],
-        "eval-synth": ["m", "d", "--n", "4", "--realism-repeats", "3"],
+        "eval-synth": ["m", "d", "--n", "4", "--realism-repeats", "3", "--control-repeats", "2"],
         "tune": ["--set", "trials=4"],
         "noop": ["--seconds", "0.5"],
     }
@@ -330,7 +332,8 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
     synth = build_spec("synth", examples["synth"])
     assert synth.config.classes == ["crack", "spallation"]
     assert synth.config.region == "random-box"
-    assert build_spec("eval-synth", examples["eval-synth"]).realism_repeats == 3
+    evaluation = build_spec("eval-synth", examples["eval-synth"])
+    assert (evaluation.realism_repeats, evaluation.control_repeats) == (3, 2)
 
 
 def test_the_example_pipeline_is_a_valid_dag_of_the_papers_table3(workdir):

@@ -89,7 +89,7 @@ class TrainingEvaluator:
         if e.realism and main:
             self.realism = make_realism_inputs(
                 index, "train", columns, classes, size, self.seed, e.realism_n, e.realism_steps,
-                e.realism_repeats,
+                e.realism_repeats, e.control_repeats,
             )  # fmt: skip
             self.floors = realism_floors(
                 self.realism, self.seed, Path(config.log.run_root) / ".cache" / "realism"

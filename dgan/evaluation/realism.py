@@ -17,10 +17,11 @@ its label set more often than a real defect of that set is easier to read than t
 How the others miss: `set_missed_<category>_<set>`, the share of a set's defacements called without
 one category it asked for, and `set_added_<set>`, the share called with a category not asked.
 `set_size_<set>` is the number of a set's defacements judged, so that its accuracy can be read
-with its interval. With `repeats` above 1, every test runs at that many classifier seeds (each
-its own halves and initial weights) on the same images; its figures are their means, and
-`realism_auc_std`, `realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std`
-their spread.
+with its interval; `control_repeats` K has the inspector judge K defacements per real defect,
+each on other normals, for the rare sets (the realism test takes the first). With `repeats`
+above 1, every test runs at that many classifier seeds (each its own halves and initial
+weights) on the same images; its figures are their means, and `realism_auc_std`,
+`realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std` their spread.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class RealismInputs:
     identity: str  # of the real files, for the floors' cache
     steps: int = STEPS  # the two-sample classifier's training steps (dgan.metrics.realism)
     repeats: int = 1  # classifier seeds per test, averaged (dgan.metrics.realism.repeated_test)
+    # Defacements per real defect that an inspector judges (the first is the realism test's);
+    # repeat j defaces each label set on the normals rolled by j * n // control_repeats.
+    control_repeats: int = 1
 
     @property
     def n(self) -> int:
@@ -79,6 +83,7 @@ def make_realism_inputs(
     n: int = DEFAULT_N,
     steps: int = STEPS,
     repeats: int = 1,
+    control_repeats: int = 1,
 ) -> RealismInputs:
     """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer).
 
@@ -106,6 +111,7 @@ def make_realism_inputs(
         f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}" + f"-x{repeats}" * (repeats > 1),
         steps,
         repeats,
+        control_repeats,
     )
 
 
@@ -133,6 +139,27 @@ def synthesize(
     return torch.cat(fakes), torch.cat(restored)
 
 
+@torch.no_grad()
+def more_defacements(G, inputs: RealismInputs, seed: int, batch_size: int, device) -> Tensor:
+    """Repeats 1 to control_repeats - 1 of the defacements, uint8 on the CPU, one after another:
+    each label set of the inputs painted again on other normals (rolled by j * n // K), with
+    other noise. Empty at control_repeats 1."""
+    k, n = inputs.control_repeats, inputs.n
+    out = []
+    was_training = G.training
+    G.eval()
+    for j in range(1, k):
+        normals = inputs.to_deface.roll(max(1, j * n // k), dims=0)
+        for start in range(0, n, batch_size):
+            part = slice(start, start + batch_size)
+            x = to_unit_range(normals[part].to(device))
+            noise_seed = seed * 7919 + j * 1_000_003 + start
+            fake, _ = deface(G, x, inputs.labels[part].to(device), seed=noise_seed)
+            out.append(_to_uint8(fake))
+    G.train(was_training)
+    return torch.cat(out) if out else inputs.to_deface[:0]
+
+
 def realism_figures(
     G, inputs: RealismInputs, seed: int, batch_size: int, device, inspector=None, columns=None
 ) -> dict[str, float]:
@@ -158,6 +185,7 @@ def realism_figures(
     if repeats > 1:
         figures |= {"realism_auc_std": defaced.auc_std, "realism_auc_restored_std": back.auc_std}
     if inspector is not None:
+        fakes = torch.cat([fakes, more_defacements(G, inputs, seed, batch_size, device)])
         figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
     return figures
 
@@ -173,16 +201,20 @@ def _inspector_calls(inspector, columns, fakes, restored, inputs, device) -> dic
 
     groups = np.asarray(inputs.groups)
     asked = inputs.labels.bool()
+    k = len(fakes) // inputs.n  # defacements per real defect: the control repeats, in order
     out = {}
-    for prefix, images in (("", fakes), ("real_", inputs.defects)):
+    for prefix, images, sets, wanted in (
+        ("", fakes, np.tile(groups, k), asked.repeat(k, 1)),
+        ("real_", inputs.defects, groups, asked),
+    ):
         calls = called(images)
-        exact = (calls == asked).all(dim=1).numpy()
+        exact = (calls == wanted).all(dim=1).numpy()
         for g in dict.fromkeys(groups):
-            rows = groups == g
+            rows = sets == g
             out[f"{prefix}set_accuracy_{g}"] = float(exact[rows].mean())
             if not prefix:  # how many were judged, and how they miss
                 out[f"set_size_{g}"] = float(rows.sum())
-                out |= _misses(g, calls[rows], asked[rows])
+                out |= _misses(g, calls[rows], wanted[rows])
     out["restored_called_normal"] = float((~called(restored).any(dim=1)).float().mean())
     out["real_called_normal"] = float((~called(inputs.normals).any(dim=1)).float().mean())
     return out

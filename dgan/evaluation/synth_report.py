@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgan.config import check_realism_repeats
+from dgan.config import check_control_repeats, check_realism_repeats
 from dgan.data import open_dataset
 from dgan.data.loader import select_classes
 from dgan.errors import DganError
@@ -74,6 +74,7 @@ class SynthReport:
     figures: dict[str, dict[str, float]]  # split -> figure -> value
     realism_n: dict[str, int] = field(default_factory=dict)  # real defects per split
     realism_repeats: int = 1  # classifier seeds averaged in each realism figure
+    control_repeats: int = 1  # defacements per real defect that the inspector judged
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +85,7 @@ class SynthReport:
             "n": self.n,
             "realism_n": self.realism_n,
             "realism_repeats": self.realism_repeats,
+            "control_repeats": self.control_repeats,
             "figures": {
                 split: {k: None if math.isnan(v) else v for k, v in values.items()}
                 for split, values in self.figures.items()
@@ -153,6 +155,11 @@ class SynthReport:
             )
         else:
             lines.append(f"  categories judged by {self.inspector}")
+            if self.control_repeats > 1:
+                lines.append(
+                    f"  label sets judged on {self.control_repeats} defacements per real defect, "
+                    "each on other normals"
+                )
         return "\n".join(lines)
 
 
@@ -169,17 +176,21 @@ def evaluate_synthesis(
     cache_dir: Path = REALISM_CACHE,
     realism_steps: int = STEPS,
     realism_repeats: int = 1,
+    control_repeats: int = 1,
 ) -> SynthReport:
     """Realism, category control, background preservation, spatial control and diversity of G on
     the split's normals, and on the held-out surface family (split "transfer") when there is one.
     `realism=False` skips the realism test (about 20 s a split at 32 px on 2 CPU cores);
     `realism_steps` trains its classifier for fewer steps than the full test's (a quick look);
-    `realism_repeats` averages each realism figure over that many classifier seeds."""
+    `realism_repeats` averages each realism figure over that many classifier seeds;
+    `control_repeats` has the inspector judge that many defacements per real defect, each on
+    other normals (the label-set figures; the realism test takes the first)."""
     from dgan.tracking.source import load_generator_from, resolve_model
 
     if n is not None and n < 1:
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
     check_realism_repeats(realism_repeats)
+    check_control_repeats(control_repeats)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
@@ -200,7 +211,7 @@ def evaluate_synthesis(
         if realism:
             inputs = make_realism_inputs(
                 index, name, columns, classes, size, seed, steps=realism_steps,
-                repeats=realism_repeats,
+                repeats=realism_repeats, control_repeats=control_repeats,
             )  # fmt: skip
             figures[name] |= realism_floors(inputs, seed, cache_dir)
             figures[name] |= realism_figures(
@@ -210,5 +221,5 @@ def evaluate_synthesis(
     described = judges.inspector.description if judges.inspector else None
     return SynthReport(
         source.uri, str(data_root), list(classes), described, counts, figures, realism_n,
-        realism_repeats if realism else 1,
+        realism_repeats if realism else 1, control_repeats if realism else 1,
     )  # fmt: skip
