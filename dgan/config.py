@@ -42,14 +42,22 @@ def check_realism_repeats(repeats: int) -> None:
         )
 
 
-def check_control_repeats(repeats: int) -> None:
-    """DganError (exit code 2) unless 1 <= repeats <= MAX_CONTROL_REPEATS, in the words of the
+def check_control_repeats(repeats: int, inspector: str | None, realism: bool) -> None:
+    """DganError (exit code 2) unless 1 <= repeats <= MAX_CONTROL_REPEATS and, above 1, there
+    is an inspector and the realism test whose images it judges; in the words of the
     --control-repeats option (`dgan eval synth`, and its queued job)."""
     if not 1 <= repeats <= MAX_CONTROL_REPEATS:
         raise DganError(
             f"--control-repeats must be between 1 and {MAX_CONTROL_REPEATS}, got {repeats}: "
             "each repeat defaces every label set once more, on other normals (1 for one "
             "defacement per real defect)",
+            exit_code=2,
+        )
+    if repeats > 1 and (inspector is None or not realism):
+        missing = "--inspector" if inspector is None else "the realism test (drop --no-realism)"
+        raise DganError(
+            f"--control-repeats {repeats} repeats the defacements that the inspector judges "
+            f"with the realism test's images, and needs {missing}",
             exit_code=2,
         )
 

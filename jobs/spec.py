@@ -335,7 +335,7 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
 
 def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
     check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks them
-    check_control_repeats(params["control_repeats"])
+    check_control_repeats(params["control_repeats"], params["inspector"], params["realism"])
     return _eval(EvalSynthSpec)(params, common)
 
 

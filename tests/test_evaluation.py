@@ -408,6 +408,26 @@ def test_eval_synth_bad_repeats_get_a_message_and_exit_2(trained, option, repeat
     assert clean_exit(result), result.exception
 
 
+@pytest.mark.parametrize(
+    ("extra", "missing"),
+    [
+        ((), "needs --inspector"),
+        (("--inspector", "INSPECTOR", "--no-realism"), "drop --no-realism"),
+    ],
+)
+def test_control_repeats_without_an_inspector_or_the_realism_test_are_refused(
+    trained, extra, missing
+):
+    extra = tuple(str(trained.inspector) if a == "INSPECTOR" else a for a in extra)
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--control-repeats", "3", *extra
+    )
+    assert result.exit_code == 2, result.output
+    assert "--control-repeats 3 repeats the defacements that the inspector judges" in result.output
+    assert missing in result.output
+    assert clean_exit(result), result.exception
+
+
 def test_control_repeats_judge_each_label_set_on_more_defacements_and_leave_realism_alone(
     trained, tmp_path
 ):

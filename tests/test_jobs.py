@@ -264,6 +264,8 @@ steps:
          "--realism-repeats must be between 1 and 20, got 0"),
         (["submit", "eval-synth", "m", "d", "--control-repeats", "21"],
          "--control-repeats must be between 1 and 20, got 21"),
+        (["submit", "eval-synth", "m", "d", "--control-repeats", "2"],
+         "--control-repeats 2 repeats the defacements that the inspector judges"),
         (["pipeline", "{cycle}"], "wait on each other in a circle: a -> b -> a"),
         (["pipeline", "{missing}"], "'gan' (train-gan) makes model, run_dir"),
         (["pipeline", "{later}"], "'gan' is not an earlier step"),
@@ -271,7 +273,7 @@ steps:
     ids=[
         "unknown-kind", "unknown-option", "unknown-key", "bad-value", "bad-arguments",
         "resume", "missing-dependency", "missing-reference", "tune-config", "realism-repeats",
-        "control-repeats", "cycle",
+        "control-repeats", "control-repeats-without-inspector", "cycle",
         "output-not-made", "output-of-a-later-step",
     ],
 )  # fmt: skip
@@ -318,10 +320,11 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
         "synth": ["--n", "8", "--classes", "crack,spallation", "--region", "random-box"],
         "eval-inspector": ["m", "d", "--split", "val"],
         "eval-fid": ["m", "d", "--n", "4"],
-        "eval-synth": ["m", "d", "--n", "4", "--realism-repeats", "3", "--control-repeats", "2"],
+        "eval-synth": ["m", "d", "--inspector", "i", "--realism-repeats", "3",
+                       "--control-repeats", "2"],
         "tune": ["--set", "trials=4"],
         "noop": ["--seconds", "0.5"],
-    }
+    }  # fmt: skip
     for kind, args in examples.items():
         spec = build_spec(kind, args, name="x")
         assert parse_spec(spec.model_dump_json()) == spec, kind

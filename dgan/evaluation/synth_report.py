@@ -190,7 +190,7 @@ def evaluate_synthesis(
     if n is not None and n < 1:
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
     check_realism_repeats(realism_repeats)
-    check_control_repeats(control_repeats)
+    check_control_repeats(control_repeats, inspector, realism)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
@@ -221,5 +221,5 @@ def evaluate_synthesis(
     described = judges.inspector.description if judges.inspector else None
     return SynthReport(
         source.uri, str(data_root), list(classes), described, counts, figures, realism_n,
-        realism_repeats if realism else 1, control_repeats if realism else 1,
+        realism_repeats if realism else 1, control_repeats,
     )  # fmt: skip
