@@ -119,6 +119,18 @@ def _to_uint8(images: Tensor) -> Tensor:
     return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
+def _defacements(G, normals: Tensor, labels: Tensor, noise_seed: int, batch_size: int, device):
+    """G's defacements of uint8 `normals` with `labels`, uint8 on the CPU; batch `start` draws
+    its noise from noise_seed + start. G is in eval mode."""
+    out = []
+    for start in range(0, len(normals), batch_size):
+        part = slice(start, start + batch_size)
+        x = to_unit_range(normals[part].to(device))
+        fake, _ = deface(G, x, labels[part].to(device), seed=noise_seed + start)
+        out.append(_to_uint8(fake))
+    return torch.cat(out) if out else normals[:0]
+
+
 @torch.no_grad()
 def synthesize(
     G, inputs: RealismInputs, seed: int, batch_size: int, device
@@ -126,17 +138,14 @@ def synthesize(
     """(defacements, restorations) of the inputs, uint8, on the CPU."""
     was_training = G.training
     G.eval()
-    fakes, restored = [], []
+    fakes = _defacements(G, inputs.to_deface, inputs.labels, seed * 7919, batch_size, device)
+    restored = []
     for start in range(0, inputs.n, batch_size):
-        part = slice(start, start + batch_size)
-        normals = to_unit_range(inputs.to_deface[part].to(device))
-        fake, _ = deface(G, normals, inputs.labels[part].to(device), seed=seed * 7919 + start)
-        defects = to_unit_range(inputs.defects[part].to(device))
+        defects = to_unit_range(inputs.defects[start : start + batch_size].to(device))
         back, _ = restore(G, defects, seed=seed * 7919 + start + 1)
-        fakes.append(_to_uint8(fake))
         restored.append(_to_uint8(back))
     G.train(was_training)
-    return torch.cat(fakes), torch.cat(restored)
+    return fakes, torch.cat(restored)
 
 
 @torch.no_grad()
@@ -145,17 +154,19 @@ def more_defacements(G, inputs: RealismInputs, seed: int, batch_size: int, devic
     each label set of the inputs painted again on other normals (rolled by j * n // K), with
     other noise. Empty at control_repeats 1."""
     k, n = inputs.control_repeats, inputs.n
-    out = []
     was_training = G.training
     G.eval()
-    for j in range(1, k):
-        normals = inputs.to_deface.roll(max(1, j * n // k), dims=0)
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            x = to_unit_range(normals[part].to(device))
-            noise_seed = seed * 7919 + j * 1_000_003 + start
-            fake, _ = deface(G, x, inputs.labels[part].to(device), seed=noise_seed)
-            out.append(_to_uint8(fake))
+    out = [
+        _defacements(
+            G,
+            inputs.to_deface.roll(max(1, j * n // k), dims=0),
+            inputs.labels,
+            seed * 7919 + j * 1_000_003,
+            batch_size,
+            device,
+        )  # fmt: skip
+        for j in range(1, k)
+    ]
     G.train(was_training)
     return torch.cat(out) if out else inputs.to_deface[:0]
 
