@@ -118,6 +118,10 @@ class GeneratorConfig(Section):
     # in every pass of G that draws noise (generator.cycle_noise decides for the cycle's second
     # pass), with or without ANI. 0 is the paper's G (no such head). Needs generator.lwc.
     grain: float = Field(0.0, ge=0, le=10)
+    # Beyond the paper: categories painted without grain. Where A asks one of them, grain's
+    # amplitude is 0, so a smooth defect (a rust stain) does not carry the grit that a spall's
+    # texture needs. Restorations (A = 0) keep their grain. Needs generator.grain > 0.
+    smooth_categories: list[str] = []
     # Ablation switches of Table 2; all off is StarGAN.
     scc: bool = True  # spatial and categorical control: A enters the decoder through SPADE
     ani: bool = True  # adaptive noise injection after every conv block
@@ -383,6 +387,12 @@ class GanConfig(Section):
             raise ValueError(
                 f"generator.noise_gain={g.noise_gain} scales ANI's noise strengths, which needs "
                 "generator.ani=true; turn it on or set generator.noise_gain=1"
+            )
+        if g.smooth_categories and not g.grain:
+            raise ValueError(
+                f"generator.smooth_categories={g.smooth_categories} turns grain off for those "
+                "categories, but generator.grain is 0 (no grain); set generator.grain > 0 or "
+                "generator.smooth_categories=[]"
             )
         if g.grain and not g.lwc:
             raise ValueError(

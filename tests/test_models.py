@@ -301,6 +301,43 @@ def test_grain_adds_grey_noise_of_the_predicted_amplitude_to_the_foreground_only
         )
 
 
+def test_smooth_categories_get_no_grain_where_asked_and_the_others_keep_theirs():
+    from dgan.config import load_config
+    from dgan.models import build_gan
+
+    G, _ = build_gan(
+        load_config("gan", ["demo"], ["generator.smooth_categories=[corrosion_stain]"]), CLASSES
+    )
+    G.eval()
+    with torch.no_grad():  # grain's amplitude at its cap everywhere, so any grain shows
+        G.to_grain.bias.fill_(50.0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def spread(control) -> float:  # two noise seeds: ANI's strengths are 0, so grain alone
+        a, b = (G(x, control, generator=torch.Generator().manual_seed(s)).image for s in (1, 2))
+        return float((a - b).abs().max())
+
+    corrosion, spall = torch.zeros(2, 5), torch.zeros(2, 5)
+    corrosion[:, 4], spall[:, 1] = 1, 1
+    assert spread(corrosion) == 0.0  # asked the smooth category: no grain at all
+    assert spread(spall) > 0.01  # any other category keeps its grain
+    assert spread(torch.zeros(2, 5)) > 0.01  # and so does a restoration (A = 0)
+    # As a map: grain goes only where A asks corrosion, here the left half.
+    half = torch.zeros(2, 5, 32, 32)
+    half[:, 4, :, :16] = 1
+    a, b = (G(x, half, generator=torch.Generator().manual_seed(s)).image for s in (1, 2))
+    assert float((a - b)[..., :16].abs().max()) == 0.0
+    assert float((a - b)[..., 16:].abs().max()) > 0.01
+    with pytest.raises(DganError, match="smooth_categories names 'rust'"):
+        build_gan(load_config("gan", ["demo"], ["generator.smooth_categories=[rust]"]), CLASSES)
+    with pytest.raises(DganError, match="smooth_categories repeats a category"):
+        build_gan(
+            load_config("gan", ["demo"], ["generator.smooth_categories=[crack,crack]"]), CLASSES
+        )
+    with pytest.raises(DganError, match="generator.grain is 0"):
+        load_config("gan", ["demo"], ["generator.grain=0", "generator.smooth_categories=[crack]"])
+
+
 def test_adaptive_noise_has_one_learned_scalar_per_conv_block_starting_at_zero():
     G = tiny(ani=True)
     strengths = [m.noise_strength for m in G.modules() if isinstance(m, NoiseInjection)]

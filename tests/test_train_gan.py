@@ -197,13 +197,19 @@ def test_unknown_category_is_refused_naming_the_dataset_classes(tiny_folder, wor
         run_gan(tiny_gan_config(tiny_folder, "data.classes=[crack, rust]"), quiet=True)
 
 
-def test_a_layer_naming_an_unknown_category_is_refused_before_a_run_directory_exists(
-    tiny_folder, workdir
+@pytest.mark.parametrize(
+    "overrides,option",
+    [
+        (("generator.label_sets=layered", "generator.layers=[[spallation, rust]]"), "layers"),
+        (("generator.grain=0.5", "generator.smooth_categories=[rust]"), "smooth_categories"),
+    ],
+)
+def test_a_generator_option_naming_an_unknown_category_is_refused_before_a_run_directory_exists(
+    overrides, option, tiny_folder, workdir
 ):
-    config = tiny_gan_config(
-        tiny_folder, "generator.label_sets=layered", "generator.layers=[[spallation, rust]]"
-    )
-    with pytest.raises(DganError, match=r"'rust', which is not among the categories \(crack, sp"):
+    config = tiny_gan_config(tiny_folder, *overrides)
+    message = rf"generator.{option} names 'rust', which is not among the categories \(crack, sp"
+    with pytest.raises(DganError, match=message):
         run_gan(config, quiet=True)
     assert not (workdir / "runs").exists()
 
@@ -242,6 +248,10 @@ LAYERED_WITHOUT_LWC = [f"--set=generator.{kv}" for kv in ("label_sets=layered", 
         (
             LAYERED_WITHOUT_LWC,
             "paints one layer over another with Eq. 4, which needs generator.lwc",
+        ),
+        (
+            ["--set", "generator.grain=0", "--set", "generator.smooth_categories=[crack]"],
+            "but generator.grain is 0 (no grain)",
         ),
         (["--config", "nope"], "Presets: demo, paper, table2/full"),
     ],

@@ -16,7 +16,7 @@ def build_gan(config: GanConfig, classes: int | Sequence[str]) -> tuple[Generato
     where the config paints no layered label sets)."""
     from dgan.errors import DganError
     from dgan.models.discriminator import Discriminator
-    from dgan.models.generator import Generator, layer_of_categories
+    from dgan.models.generator import Generator, layer_of_categories, smooth_of_categories
 
     g, d = config.generator, config.discriminator
     num_classes = classes if isinstance(classes, int) else len(classes)
@@ -25,6 +25,11 @@ def build_gan(config: GanConfig, classes: int | Sequence[str]) -> tuple[Generato
         if isinstance(classes, int):
             raise DganError("a generator with layered label sets needs its categories' names")
         layer_of = layer_of_categories(classes, g.layers)
+    smooth_of = None
+    if g.smooth_categories:
+        if isinstance(classes, int):
+            raise DganError("generator.smooth_categories needs the categories' names")
+        smooth_of = smooth_of_categories(classes, g.smooth_categories)
     generator = Generator(
         num_classes,
         conv_dim=g.conv_dim,
@@ -43,6 +48,7 @@ def build_gan(config: GanConfig, classes: int | Sequence[str]) -> tuple[Generato
         noise_gain=g.noise_gain,
         grain=g.grain,
         layer_of=layer_of,
+        smooth_of=smooth_of,
     )
     discriminator = Discriminator(
         config.data.image_size,

@@ -205,8 +205,17 @@ class Generator(nn.Module):
         noise_gain: float = 1.0,
         grain: float = 0.0,
         layer_of: Sequence[int] | None = None,
+        smooth_of: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        # Categories painted without grain, as a (C,) 0/1 vector; like layers, not in the state
+        # dict: it follows from the config and the classes.
+        if smooth_of:
+            smooth = torch.zeros(num_classes)
+            smooth[list(smooth_of)] = 1.0
+            self.register_buffer("smooth", smooth, persistent=False)
+        else:
+            self.smooth: Tensor | None = None
         # Layered label sets: layers (C, K), category c in layer k, K layers in painting order.
         # Not in the state dict: it follows from the config and the classes.
         if layer_of is None:
@@ -292,6 +301,9 @@ class Generator(nn.Module):
         if self.to_grain is not None and noise:
             # the same noise in every channel: grit changes brightness, not colour
             grain = self.grain * torch.sigmoid(heads[:, 4:]) * draw_noise(h, generator)
+            if self.smooth is not None:  # none where A asks a smooth category
+                asked = control_as_map(control, *h.shape[2:]) * self.smooth[:, None, None]
+                grain = grain * (1 - asked.amax(1, keepdim=True).clamp(0, 1))
         offset = None
         if self.foreground_mode == "offset":  # f starts as x: atanh(x) + 0
             offset = torch.atanh(x.clamp(-OFFSET_LIMIT, OFFSET_LIMIT))
@@ -328,6 +340,23 @@ def layer_of_categories(classes: Sequence[str], layers: Sequence[Sequence[str]])
         if name not in layer_of:
             layer_of[name], k = k, k + 1
     return [layer_of[name] for name in classes]
+
+
+def smooth_of_categories(classes: Sequence[str], names: Sequence[str]) -> list[int]:
+    """The channels of A of the categories that generator.smooth_categories names; unknown or
+    repeated names are refused."""
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise DganError(
+            f"generator.smooth_categories names {unknown[0]!r}, which is not among the "
+            f"categories ({', '.join(classes)}); use those names",
+            exit_code=2,
+        )
+    if len(set(names)) != len(names):
+        raise DganError(
+            "generator.smooth_categories repeats a category; list each once", exit_code=2
+        )
+    return [list(classes).index(name) for name in names]
 
 
 def split_top_layer(labels: Tensor, layers: Tensor, draw: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,6 +31,7 @@ from dgan.models.generator import (
     GeneratorOutput,
     control_map_from_labels,
     layer_of_categories,
+    smooth_of_categories,
     split_top_layer,
     stack_layers,
 )
@@ -600,8 +601,10 @@ class GanJob(TrainingJob):
 
         index = require_usable(config.data.root)
         columns = select_classes(index, config.data.classes or None)
+        names = [index.classes[c] for c in columns]
         if config.generator.label_sets == "layered":
-            layer_of_categories([index.classes[c] for c in columns], config.generator.layers)
+            layer_of_categories(names, config.generator.layers)
+        smooth_of_categories(names, config.generator.smooth_categories)
         if evaluation_due(config, start):
             from dgan.evaluation.periodic import check_evaluation
 
