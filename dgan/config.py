@@ -42,6 +42,30 @@ def check_realism_repeats(repeats: int) -> None:
         )
 
 
+def check_realism_n(realism_n: int | None, realism: bool, by_set: bool = False) -> None:
+    """DganError (exit code 2) for a --realism-n below 4, or --realism-n or --realism-by-set given
+    with --no-realism (`dgan eval synth`, and its queued job)."""
+    if by_set and not realism:
+        raise DganError(
+            "--realism-by-set adds to the realism test, which --no-realism skips: drop one of them",
+            exit_code=2,
+        )
+    if realism_n is None:
+        return
+    if not realism:
+        raise DganError(
+            f"--realism-n {realism_n} sizes the realism test, which --no-realism skips: drop one "
+            "of them",
+            exit_code=2,
+        )
+    if realism_n < 4:
+        raise DganError(
+            f"--realism-n must be at least 4, got {realism_n}: the test holds out half of the "
+            "real defects",
+            exit_code=2,
+        )
+
+
 def check_control_repeats(repeats: int, inspector: str | None, realism: bool) -> None:
     """DganError (exit code 2) unless 1 <= repeats <= MAX_CONTROL_REPEATS and, above 1, there
     is an inspector and the realism test whose images it judges; in the words of the

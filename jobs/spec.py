@@ -29,6 +29,7 @@ from dgan.config import (
     SynthConfig,
     TuneConfig,
     check_control_repeats,
+    check_realism_n,
     check_realism_repeats,
     load_config,
 )
@@ -130,6 +131,8 @@ class EvalSynthSpec(SpecBase):
     realism: bool = True
     realism_repeats: int = Field(1, ge=1, le=MAX_REALISM_REPEATS)
     control_repeats: int = Field(1, ge=1, le=MAX_CONTROL_REPEATS)
+    realism_n: int | None = Field(None, ge=4)  # real defects per realism test, at most
+    realism_by_set: bool = False  # a classifier of its own per label set, too
     json_out: str | None = None
 
 
@@ -336,6 +339,7 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
 def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
     check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks them
     check_control_repeats(params["control_repeats"], params["inspector"], params["realism"])
+    check_realism_n(params["realism_n"], params["realism"], params["realism_by_set"])
     return _eval(EvalSynthSpec)(params, common)
 
 

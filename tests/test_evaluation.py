@@ -33,10 +33,12 @@ from dgan.metrics.fid import (
 TINY_INSPECTOR_RUN = [*TINY_INSPECTOR, "train.epochs=1", "log.log_model=false"]
 
 
-def make_dataset(root: Path, size: int = 32) -> Path:
-    """Train/val/test normals and defects, plus a held-out surface family in split transfer."""
+def make_dataset(root: Path, size: int = 32, layout: dict | None = None, labels_of=None) -> Path:
+    """Train/val/test normals and defects, plus a held-out surface family in split transfer;
+    `layout`: split -> (normals, defects); `labels_of(k)`: defect k's labels in each split."""
+    labels_of = labels_of or (lambda k: fake_defect_labels(k, 5))
     samples = []
-    layout = {"train": (8, 8), "val": (2, 3), "test": (2, 3), "transfer": (4, 4)}
+    layout = layout or {"train": (8, 8), "val": (2, 3), "test": (2, 3), "transfer": (4, 4)}
     seed = 0
     for split, (n_normal, n_defect) in layout.items():
         for i in range(n_normal):
@@ -45,7 +47,7 @@ def make_dataset(root: Path, size: int = 32) -> Path:
             seed += 1
         for k in range(n_defect):
             path = write_image(root / "defect" / f"{split}_{k:02d}.png", size, seed=seed)
-            samples.append(Sample(path, fake_defect_labels(k, 5), split, family=split))
+            samples.append(Sample(path, labels_of(k), split, family=split))
             seed += 1
     write_labels(root, CODEBRIM_CLASSES, samples)
     return root
@@ -399,6 +401,40 @@ def test_eval_synth_realism_repeats_average_classifier_seeds_and_print_their_spr
     assert 0 <= train["realism_floor_std"] <= 0.6
 
 
+def test_eval_synth_realism_n_sizes_the_realism_test_on_each_split(trained, tmp_path):
+    # two normals for each defect the test uses: train 6 of 10 defects, transfer all 5
+    layout = {"train": (12, 10), "val": (2, 3), "test": (2, 3), "transfer": (10, 5)}
+    data = make_dataset(tmp_path / "more", layout=layout)
+    runs = {}
+    for realism_n in (None, "6"):
+        out = tmp_path / f"synth-{realism_n}.json"
+        extra = ("--realism-n", realism_n) if realism_n else ()
+        result = invoke(
+            "eval", "synth", str(trained.gan), str(data), "--n", "4", *extra, "--json", str(out)
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[realism_n] = json.loads(out.read_text())["realism_n"]
+    assert runs[None] == {"train": 10, "transfer": 5}  # every real defect, by default
+    assert runs["6"] == {"train": 6, "transfer": 5}
+    assert "realism test sizes (real defects per split): train 6, transfer 5" in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--realism-n", "3"), "--realism-n must be at least 4, got 3"),
+        (("--realism-n", "8", "--no-realism"), "which --no-realism skips: drop one of them"),
+        (("--realism-n", "1000"), "--realism-n 1000 uses 8 real defects of split 'train', and so"),
+    ],
+    ids=["too-few", "without-the-test", "too-few-normals"],
+)
+def test_eval_synth_bad_realism_n_gets_a_message_and_exit_2(trained, extra, message):
+    result = invoke("eval", "synth", str(trained.gan), str(trained.data), *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert clean_exit(result), result.exception
+
+
 @pytest.mark.parametrize("option", ["--realism-repeats", "--control-repeats"])
 @pytest.mark.parametrize("repeats", ["0", "21"])
 def test_eval_synth_bad_repeats_get_a_message_and_exit_2(trained, option, repeats):
@@ -532,6 +568,101 @@ def test_control_repeats_count_every_defacement_in_its_label_set():
     assert figures["set_accuracy_a-b"] == pytest.approx(2 / 3)  # "a-b", "a" alone, "a-b"
     assert figures["set_missed_b_a-b"] == pytest.approx(1 / 3)
     assert figures["real_set_accuracy_a"] == 1.0  # the real defects count once
+
+
+def test_a_label_sets_own_classifier_sees_that_sets_flaw_and_nothing_in_a_flawless_set():
+    from dgan.evaluation.realism import OWN_MIN, RealismInputs, own_set_figures, realism_floors
+
+    assert 4 < OWN_MIN <= 48  # "flawed" and "flawless" get a classifier of their own, "tiny" not
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (100, 3, 16, 16), generator=g, dtype=torch.uint8)
+    groups = ["flawed"] * 48 + ["flawless"] * 48 + ["tiny"] * 4
+    fakes = real.clone()  # a perfect generator everywhere but on "flawed", which it stripes
+    fakes[:48, :, ::4] = (fakes[:48, :, ::4].int() + 40).clamp(0, 255).to(torch.uint8)
+    inputs = RealismInputs(
+        "train", real, torch.zeros(100, 2), groups, real, real, "own-sets", steps=150,
+        by_set=True,
+    )  # fmt: skip
+    assert set(inputs.own_sets()) == {"flawed", "flawless"}
+    figures = own_set_figures(inputs, fakes, seed=0)
+    assert figures["realism_own_auc_flawed"] > 0.9  # its own classifier sees the stripes
+    assert figures["realism_own_auc_flawless"] == pytest.approx(0.5)  # identical: cannot tell
+    assert "realism_own_auc_tiny" not in figures
+    floors = realism_floors(inputs, 0, cache_dir=None)
+    assert 0.2 < floors["realism_own_floor_flawed"] < 0.8  # two halves of one real set
+    inputs.by_set = False
+    assert own_set_figures(inputs, fakes, seed=0) == {}
+
+
+def test_eval_synth_realism_by_set_prints_each_sets_own_test_beside_its_floor(trained, tmp_path):
+    # train: 40 defects of the first category, 4 of the second; only the first gets its own test
+    layout = {"train": (44, 44), "val": (2, 3), "test": (2, 3), "transfer": (4, 4)}
+    data = make_dataset(
+        tmp_path / "sets", layout=layout, labels_of=lambda k: (int(k < 40), int(k >= 40), 0, 0, 0)
+    )
+    first, second = CODEBRIM_CLASSES[:2]
+    out = tmp_path / "synth.json"
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(data), "--n", "4", "--realism-by-set",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())["figures"]
+    own = sorted(k for s in figures.values() for k in s if k.startswith("realism_own_"))
+    assert own == [f"realism_own_auc_{first}", f"realism_own_floor_{first}"]
+    assert 0 <= figures["train"][f"realism_own_auc_{first}"] <= 1
+    assert 0 <= figures["train"][f"realism_own_floor_{first}"] <= 1
+    assert f"realism, {first} alone: a classifier of its own" in result.output
+    assert "its floor: two halves of its real defects" in result.output
+    assert f"realism, {second} alone" not in result.output  # 4 real defects: too few
+
+
+def test_real_beside_synth_puts_each_sets_real_defects_above_gs_defacements(trained, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from dgan.data import open_dataset
+    from dgan.evaluation.inputs import load_images
+    from dgan.evaluation.realism import label_set_name
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_beside_synth.py"
+    out = tmp_path / "sheet.png"
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(script), str(trained.gan), "--data", str(trained.data), *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    done = run("--sets", "crack", "spallation", "--per-row", "4", "--scale", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    sheet = np.asarray(Image.open(out))
+    size = sheet.shape[1] // (4 * 2)
+    assert sheet.shape == ((4 * size + 2) * 2, 4 * size * 2, 3)  # two sets, a white line between
+    index = open_dataset(trained.data)
+    crack = next(
+        s for s in index.select("train", normal=False)
+        if label_set_name(s.labels, index.classes) == "crack"
+    )  # fmt: skip
+    first = load_images([crack.path], size)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(sheet[: 2 * size : 2, : 2 * size : 2], first)  # real, top left
+    assert (sheet[4 * size : 4 * size + 4] == 255).all()  # the line between the sets
+    missing = run("--sets", "bogus", "--out", str(tmp_path / "none.png"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "has no real defect of label set 'bogus'; its sets: " in missing.stderr
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_eval_synth_realism_by_set_without_the_test_is_refused(trained):
+    result = invoke(
+        "eval", "synth", str(trained.gan), str(trained.data), "--realism-by-set", "--no-realism"
+    )
+    assert result.exit_code == 2, result.output
+    assert "--realism-by-set adds to the realism test, which --no-realism skips" in result.output
+    assert clean_exit(result), result.exception
 
 
 def test_eval_synth_without_inspector_says_what_it_skips(trained):

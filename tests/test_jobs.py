@@ -266,6 +266,10 @@ steps:
          "--control-repeats must be between 1 and 20, got 21"),
         (["submit", "eval-synth", "m", "d", "--control-repeats", "2"],
          "--control-repeats 2 repeats the defacements that the inspector judges"),
+        (["submit", "eval-synth", "m", "d", "--realism-n", "3"],
+         "--realism-n must be at least 4, got 3"),
+        (["submit", "eval-synth", "m", "d", "--realism-by-set", "--no-realism"],
+         "--realism-by-set adds to the realism test, which --no-realism skips"),
         (["pipeline", "{cycle}"], "wait on each other in a circle: a -> b -> a"),
         (["pipeline", "{missing}"], "'gan' (train-gan) makes model, run_dir"),
         (["pipeline", "{later}"], "'gan' is not an earlier step"),
@@ -273,7 +277,8 @@ steps:
     ids=[
         "unknown-kind", "unknown-option", "unknown-key", "bad-value", "bad-arguments",
         "resume", "missing-dependency", "missing-reference", "tune-config", "realism-repeats",
-        "control-repeats", "control-repeats-without-inspector", "cycle",
+        "control-repeats", "control-repeats-without-inspector", "realism-n",
+        "realism-by-set-without-realism", "cycle",
         "output-not-made", "output-of-a-later-step",
     ],
 )  # fmt: skip
@@ -321,7 +326,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
         "eval-inspector": ["m", "d", "--split", "val"],
         "eval-fid": ["m", "d", "--n", "4"],
         "eval-synth": ["m", "d", "--inspector", "i", "--realism-repeats", "3",
-                       "--control-repeats", "2"],
+                       "--control-repeats", "2", "--realism-n", "40", "--realism-by-set"],
         "tune": ["--set", "trials=4"],
         "noop": ["--seconds", "0.5"],
     }  # fmt: skip
@@ -337,6 +342,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
     assert synth.config.region == "random-box"
     evaluation = build_spec("eval-synth", examples["eval-synth"])
     assert (evaluation.realism_repeats, evaluation.control_repeats) == (3, 2)
+    assert (evaluation.realism_n, evaluation.realism_by_set) == (40, True)
 
 
 def test_the_example_pipeline_is_a_valid_dag_of_the_papers_table3(workdir):

@@ -22,6 +22,12 @@ each on other normals, for the rare sets (the realism test takes the first). Wit
 above 1, every test runs at that many classifier seeds (each its own halves and initial
 weights) on the same images; its figures are their means, and `realism_auc_std`,
 `realism_auc_restored_std`, `realism_floor_std` and `realism_floor_normal_std` their spread.
+
+`by_set`: each label set with at least OWN_MIN real defects also gets a classifier of its own,
+trained on that set's pairs alone (`realism_own_auc_<set>`), beside its own floor, two halves of
+that set's real defects (`realism_own_floor_<set>`, cached with the others). The shared
+classifier spends its steps on whatever tells most images apart; a flaw of one set that is 7% of
+the defects can stay hidden in its per-set figure (`realism_auc_<set>`) and show in the set's own.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from dgan.metrics.fid import require_images
 from dgan.metrics.realism import STEPS, halves_test, repeated_test, two_sample_test
 
 DEFAULT_N = 600  # real defects per test: the demo set's whole train split
+OWN_MIN = 40  # real defects a label set needs for a classifier of its own: 20 held out
 
 
 @dataclass
@@ -63,10 +70,20 @@ class RealismInputs:
     # Defacements per real defect that an inspector judges (the first is the realism test's);
     # repeat j defaces each label set on the normals rolled by j * n // control_repeats.
     control_repeats: int = 1
+    by_set: bool = False  # also a classifier of its own per label set of OWN_MIN or more
 
     @property
     def n(self) -> int:
         return len(self.defects)
+
+    def own_sets(self) -> dict[str, Tensor]:
+        """Label set -> the indices of its items, for the sets that get a classifier of their own
+        (none unless by_set)."""
+        if not self.by_set:
+            return {}
+        groups = np.asarray(self.groups)
+        members = {g: np.flatnonzero(groups == g) for g in dict.fromkeys(self.groups)}
+        return {g: torch.from_numpy(ix) for g, ix in members.items() if len(ix) >= OWN_MIN}
 
 
 def label_set_name(labels: Sequence[float], classes: Sequence[str]) -> str:
@@ -84,11 +101,12 @@ def make_realism_inputs(
     steps: int = STEPS,
     repeats: int = 1,
     control_repeats: int = 1,
+    by_set: bool = False,
 ) -> RealismInputs:
     """Up to `n` real defects of the split, and twice as many of its normals (cycled if fewer).
 
     `steps` and `repeats`: the classifier's training steps and seeds in the tests these inputs
-    feed (part of their floors' cache key)."""
+    feed (part of their floors' cache key); `by_set`: a classifier of its own per label set too."""
     defects = real_defects(index, split, columns)
     normals = sorted(index.select(split, normal=True), key=lambda s: str(s.path))
     require_images(len(defects), f"the realism test on split {split!r}", "real defects", 4)
@@ -108,10 +126,13 @@ def make_realism_inputs(
         [label_set_name(row, classes) for row in labels.tolist()],
         load_images(picked[:count], image_size),
         load_images(picked[count:], image_size),
-        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}" + f"-x{repeats}" * (repeats > 1),
+        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}"
+        + f"-x{repeats}" * (repeats > 1)
+        + "-own" * by_set,
         steps,
         repeats,
         control_repeats,
+        by_set,
     )
 
 
@@ -179,7 +200,7 @@ def realism_figures(
     inspector (dgan.metrics.features.InspectorFeatures) and its columns in G's class order,
     set_accuracy_<set> and restored_called_normal too, with their ceilings on the real images
     (real_set_accuracy_<set>, real_called_normal), set_missed_<category>_<set>,
-    set_added_<set> and set_size_<set>."""
+    set_added_<set> and set_size_<set>; with inputs.by_set, realism_own_auc_<set>."""
     fakes, restored = synthesize(G, inputs, seed, batch_size, device)
     steps, repeats = inputs.steps, inputs.repeats
     defaced = repeated_test(
@@ -195,9 +216,24 @@ def realism_figures(
     figures |= {"realism_auc_restored": back.auc, "realism_log_loss_restored": back.log_loss}
     if repeats > 1:
         figures |= {"realism_auc_std": defaced.auc_std, "realism_auc_restored_std": back.auc_std}
+    figures |= own_set_figures(inputs, fakes, seed)
     if inspector is not None:
         fakes = torch.cat([fakes, more_defacements(G, inputs, seed, batch_size, device)])
         figures |= _inspector_calls(inspector, columns, fakes, restored, inputs, device)
+    return figures
+
+
+def own_set_figures(inputs: RealismInputs, fakes: Tensor, seed: int) -> dict[str, float]:
+    """realism_own_auc_<set>: for each label set that gets one (RealismInputs.own_sets), a
+    classifier trained on that set's real defects and defacements (`fakes`, paired by index)."""
+    figures = {}
+    for g, ix in inputs.own_sets().items():
+        own = repeated_test(
+            lambda s, ix=ix: two_sample_test(inputs.defects[ix], fakes[ix], s, steps=inputs.steps),
+            seed,
+            inputs.repeats,
+        )
+        figures[f"realism_own_auc_{g}"] = own.auc
     return figures
 
 
@@ -260,6 +296,8 @@ def realism_floors(inputs: RealismInputs, seed: int, cache_dir: Path | None) -> 
 
     (defects, defects_std), (normals, normals_std) = floor(inputs.defects), floor(inputs.normals)
     floors = {"realism_floor": defects, "realism_floor_normal": normals}
+    for g, ix in inputs.own_sets().items():
+        floors[f"realism_own_floor_{g}"] = floor(inputs.defects[ix])[0]
     if inputs.repeats > 1:
         floors |= {"realism_floor_std": defects_std, "realism_floor_normal_std": normals_std}
     if path is not None:

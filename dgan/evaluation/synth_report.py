@@ -7,14 +7,19 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgan.config import check_control_repeats, check_realism_repeats
+from dgan.config import check_control_repeats, check_realism_n, check_realism_repeats
 from dgan.data import open_dataset
 from dgan.data.loader import select_classes
 from dgan.errors import DganError
-from dgan.evaluation.inputs import has_transfer, make_eval_set, require_split
+from dgan.evaluation.inputs import has_transfer, make_eval_set, real_defects, require_split
 from dgan.evaluation.judges import open_judges
 from dgan.evaluation.measure import default_device, measure, summarize
-from dgan.evaluation.realism import make_realism_inputs, realism_figures, realism_floors
+from dgan.evaluation.realism import (
+    DEFAULT_N,
+    make_realism_inputs,
+    realism_figures,
+    realism_floors,
+)
 from dgan.metrics.realism import STEPS
 
 SYNTH_DEFAULT_N = 500  # enough inputs for the synthesis figures' means
@@ -121,6 +126,14 @@ class SynthReport:
                 row
                 for g in sets
                 for row in (
+                    (f"realism_own_auc_{g}", f"  realism, {g} alone: a classifier of its own"),
+                    (f"realism_own_floor_{g}", "    its floor: two halves of its real defects"),
+                )
+            ),
+            *(
+                row
+                for g in sets
+                for row in (
                     (f"set_accuracy_{g}", f"  asked {g}, called exactly that"),
                     (f"set_size_{g}", "    its 95% interval (Wilson), of n images"),
                     (f"real_set_accuracy_{g}", f"    its ceiling: real {g}, called that"),
@@ -177,6 +190,8 @@ def evaluate_synthesis(
     realism_steps: int = STEPS,
     realism_repeats: int = 1,
     control_repeats: int = 1,
+    realism_n: int | None = None,
+    realism_by_set: bool = False,
 ) -> SynthReport:
     """Realism, category control, background preservation, spatial control and diversity of G on
     the split's normals, and on the held-out surface family (split "transfer") when there is one.
@@ -184,13 +199,18 @@ def evaluate_synthesis(
     `realism_steps` trains its classifier for fewer steps than the full test's (a quick look);
     `realism_repeats` averages each realism figure over that many classifier seeds;
     `control_repeats` has the inspector judge that many defacements per real defect, each on
-    other normals (the label-set figures; the realism test takes the first)."""
+    other normals (the label-set figures; the realism test takes the first);
+    `realism_n`: real defects per realism test, at most (default DEFAULT_N, normals reused when a
+    split has fewer than twice as many); given, every split must have 2 normals per defect used;
+    `realism_by_set`: each label set of OWN_MIN real defects or more also gets a classifier of its
+    own (realism_own_auc_<set>, beside its floor realism_own_floor_<set>)."""
     from dgan.tracking.source import load_generator_from, resolve_model
 
     if n is not None and n < 1:
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
     check_realism_repeats(realism_repeats)
     check_control_repeats(control_repeats, inspector, realism)
+    check_realism_n(realism_n, realism, realism_by_set)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
@@ -200,7 +220,10 @@ def evaluate_synthesis(
     judges = open_judges(None, inspector, classes, device, tracking_uri, with_inception=False)
     size = gan_config.data.image_size
     splits = [split, "transfer"] if has_transfer(index, split) else [split]
-    figures, counts, realism_n = {}, {}, {}
+    if realism and realism_n is not None:
+        for name in splits:
+            _require_distinct_normals(index, name, columns, realism_n)
+    figures, counts, tested = {}, {}, {}
     for name in splits:
         available = len(index.select(name, normal=True))
         count = n or min(SYNTH_DEFAULT_N, available)
@@ -210,16 +233,32 @@ def evaluate_synthesis(
         counts[name] = eval_set.n
         if realism:
             inputs = make_realism_inputs(
-                index, name, columns, classes, size, seed, steps=realism_steps,
-                repeats=realism_repeats, control_repeats=control_repeats,
+                index, name, columns, classes, size, seed, n=realism_n or DEFAULT_N,
+                steps=realism_steps, repeats=realism_repeats, control_repeats=control_repeats,
+                by_set=realism_by_set,
             )  # fmt: skip
             figures[name] |= realism_floors(inputs, seed, cache_dir)
             figures[name] |= realism_figures(
                 G, inputs, seed, batch_size, device, judges.inspector, judges.inspector_columns
             )
-            realism_n[name] = inputs.n
+            tested[name] = inputs.n
     described = judges.inspector.description if judges.inspector else None
     return SynthReport(
-        source.uri, str(data_root), list(classes), described, counts, figures, realism_n,
+        source.uri, str(data_root), list(classes), described, counts, figures, tested,
         realism_repeats if realism else 1, control_repeats,
     )  # fmt: skip
+
+
+def _require_distinct_normals(index, split: str, columns, realism_n: int) -> None:
+    """DganError (exit code 2) when the split lacks 2 distinct normals for each real defect that
+    a realism test of `realism_n` would use: a normal on both sides of the classifier's split
+    would let it recognise that image rather than tell real from synthesized."""
+    used = min(realism_n, len(real_defects(index, split, columns)))
+    normals = len(index.select(split, normal=True))
+    if normals < 2 * used:
+        raise DganError(
+            f"--realism-n {realism_n} uses {used} real defects of split {split!r}, and so "
+            f"{2 * used} of its normals, each once; it has {normals}: give --realism-n "
+            f"{normals // 2} or less, or a dataset with more normals",
+            exit_code=2,
+        )

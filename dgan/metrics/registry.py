@@ -61,6 +61,8 @@ METRICS: dict[str, Metric] = {
         ),
         Metric("realism_floor", None, "the same test on two halves of the real defects"),
         Metric("realism_floor_normal", None, "the same test on two halves of the real normals"),
+        Metric("realism_own_auc", "min", "the realism test of one label set, alone", True),
+        Metric("realism_own_floor", None, "realism_own_auc's floor: halves of that set", True),
         Metric("set_accuracy", "max", "inspector calls a defacement exactly its label set", True),
         Metric("set_missed", "min", "a set's defacements called without a category asked", True),
         Metric("set_added", "min", "a set's defacements called with a category not asked", True),
