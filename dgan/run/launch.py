@@ -297,5 +297,23 @@ def training_worker(
     return run_training(job, run_dir, accelerator, events, resume, callback, stop_at)
 
 
+def _exit_worker(code: int) -> None:
+    """End a launched worker with `code`. A worker other than rank 0 has written all it writes
+    when its job returns, and leaves by os._exit once its process group is closed and its data
+    loader's processes are stopped: a CPU worker has been seen to abort (SIGABRT, "terminate
+    called without an active exception") in the interpreter's and C++'s teardown after a finished
+    run, which failed the whole launch. Rank 0 exits normally, so that what runs at its exit
+    (MLflow's, for one) still runs."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.exit(code)
+    import gc
+
+    close_process_group()
+    gc.collect()  # a data loader's iterator left in a cycle stops its worker processes here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(_worker_main())
+    _exit_worker(_worker_main())
