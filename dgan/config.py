@@ -42,7 +42,7 @@ def check_realism_repeats(repeats: int) -> None:
         )
 
 
-def check_realism_n(realism_n: int | None, realism: bool, by_set: bool = False) -> None:
+def check_realism_options(realism_n: int | None, realism: bool, by_set: bool = False) -> None:
     """DganError (exit code 2) for a --realism-n below 4, or --realism-n or --realism-by-set given
     with --no-realism (`dgan eval synth`, and its queued job)."""
     if by_set and not realism:

@@ -29,7 +29,7 @@ from dgan.config import (
     SynthConfig,
     TuneConfig,
     check_control_repeats,
-    check_realism_n,
+    check_realism_options,
     check_realism_repeats,
     load_config,
 )
@@ -339,7 +339,7 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
 def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
     check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks them
     check_control_repeats(params["control_repeats"], params["inspector"], params["realism"])
-    check_realism_n(params["realism_n"], params["realism"], params["realism_by_set"])
+    check_realism_options(params["realism_n"], params["realism"], params["realism_by_set"])
     return _eval(EvalSynthSpec)(params, common)
 
 

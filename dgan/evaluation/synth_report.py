@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgan.config import check_control_repeats, check_realism_n, check_realism_repeats
+from dgan.config import check_control_repeats, check_realism_options, check_realism_repeats
 from dgan.data import open_dataset
 from dgan.data.loader import select_classes
 from dgan.errors import DganError
@@ -210,7 +210,7 @@ def evaluate_synthesis(
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
     check_realism_repeats(realism_repeats)
     check_control_repeats(control_repeats, inspector, realism)
-    check_realism_n(realism_n, realism, realism_by_set)
+    check_realism_options(realism_n, realism, realism_by_set)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
