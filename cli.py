@@ -671,7 +671,16 @@ def eval_synth(
         typer.Option(
             help="Real defects per realism test, at most (default: 600, the demo set's train "
             "split). The split needs two normals per defect used. More images, more power: point "
-            "it at a larger real set than the one G trained on."
+            "it at a larger real set than the one G trained on. Above 600, each classifier "
+            "trains for proportionally more steps (3000: five times as long)."
+        ),
+    ] = None,
+    realism_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Adam steps of each realism classifier per 600 images it trains on (default: "
+            "300, 32 passes over them). Fewer: a quick look; more: a test closer to finished, "
+            "and slower in proportion."
         ),
     ] = None,
     realism_by_set: Annotated[
@@ -729,7 +738,7 @@ def eval_synth(
     report = evaluate_synthesis(
         model, data, inspector, n, split, seed, batch_size, tracking_uri, realism,
         realism_repeats=realism_repeats, control_repeats=control_repeats, realism_n=realism_n,
-        realism_by_set=realism_by_set,
+        realism_by_set=realism_by_set, realism_steps=realism_steps,
     )  # fmt: skip
     typer.echo(report.format())
     if json_out:

@@ -42,12 +42,27 @@ def check_realism_repeats(repeats: int) -> None:
         )
 
 
-def check_realism_options(realism_n: int | None, realism: bool, by_set: bool = False) -> None:
-    """DganError (exit code 2) for a --realism-n below 4, or --realism-n or --realism-by-set given
-    with --no-realism (`dgan eval synth`, and its queued job)."""
+def check_realism_options(
+    realism_n: int | None, realism: bool, by_set: bool = False, steps: int | None = None
+) -> None:
+    """DganError (exit code 2) for a --realism-n below 4 or --realism-steps below 1, or for
+    --realism-n, --realism-steps or --realism-by-set given with --no-realism (`dgan eval synth`,
+    and its queued job)."""
     if by_set and not realism:
         raise DganError(
             "--realism-by-set adds to the realism test, which --no-realism skips: drop one of them",
+            exit_code=2,
+        )
+    if steps is not None and not realism:
+        raise DganError(
+            f"--realism-steps {steps} trains the realism test's classifier, which --no-realism "
+            "skips: drop one of them",
+            exit_code=2,
+        )
+    if steps is not None and steps < 1:
+        raise DganError(
+            f"--realism-steps must be at least 1, got {steps}: it is the classifier's Adam steps "
+            "per 600 training images (300 by default)",
             exit_code=2,
         )
     if realism_n is None:
@@ -341,7 +356,8 @@ class GanEvalConfig(Section):
     # defacements from real defects and its restorations from real normals (0.5: indistinguishable).
     realism: bool = True
     realism_n: int = Field(600, ge=4)  # real training defects it uses, at most
-    # Adam steps of the test's classifier (dgan.metrics.realism.STEPS). Fewer make a cheaper,
+    # Adam steps of the test's classifier (dgan.metrics.realism.STEPS), for up to 600 training
+    # images; a larger test trains for proportionally more (scaled_steps). Fewer make a cheaper,
     # blunter test, e.g. for the many short evaluations of a `dgan tune` study.
     realism_steps: int = Field(300, ge=1)
     # Classifier seeds per realism test, averaged (each its own halves and initial weights): the

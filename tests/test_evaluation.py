@@ -915,3 +915,64 @@ def test_evaluation_sharded_over_two_processes_equals_one_process(trained, tmp_p
     assert two.keys() == one.keys() and "fid_inspector" in one and "fid_inspector_transfer" in one
     for k, v in one.items():
         assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_critic_probe_scores_the_trained_critic_beside_the_realism_test(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from dgan.evaluation.synth_report import evaluate_synthesis
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_probe.py"
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+        )
+
+    done = run(str(trained.gan), "--data", str(trained.data), "--steps", "20")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    n, trained_avg, trained_g, fresh_d, cnn = rows["all"]
+    assert int(n) == 8  # the train split's real defects
+    assert all(0.0 <= float(v) <= 1.0 for v in (trained_avg, trained_g, fresh_d, cnn))
+    # Its fresh CNN is the realism test's: the same inputs, halves, defacements and classifier.
+    report = evaluate_synthesis(
+        str(trained.gan), trained.data, realism_steps=20, cache_dir=tmp_path / "cache"
+    )
+    figure = report.to_dict()["figures"]["train"]["realism_auc"]
+    assert float(cnn) == pytest.approx(figure, abs=6e-4)  # printed to 3 decimals
+    exported = run(str(trained.gan / "generator"), "--data", str(trained.data))
+    assert exported.returncode == 2 and "Traceback" not in exported.stderr
+    assert "holds no training checkpoint" in exported.stderr
+    small = run(str(trained.gan), "--n", "2")
+    assert small.returncode == 2 and "--n and --min must be at least 4" in small.stderr
+
+
+def test_eval_synth_realism_steps_train_the_classifier_for_that_many_steps(
+    trained, tmp_path, monkeypatch
+):
+    import json
+
+    from dgan.evaluation.synth_report import evaluate_synthesis
+
+    monkeypatch.chdir(tmp_path)  # the CLI caches floors under runs/ of the working directory
+    out = tmp_path / "steps.json"
+    args = ("eval", "synth", str(trained.gan), str(trained.data), "--n", "4")
+    result = invoke(*args, "--realism-steps", "7", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    printed = json.loads(out.read_text())["figures"]["train"]
+    again = evaluate_synthesis(
+        str(trained.gan), trained.data, n=4, realism_steps=7, cache_dir=tmp_path / "cache"
+    )
+    expected = again.to_dict()["figures"]["train"]
+    for key in ("realism_auc", "realism_auc_restored", "realism_floor"):
+        assert printed[key] == pytest.approx(expected[key], abs=1e-9), key
+    for bad, message in (
+        (["--realism-steps", "0"], "--realism-steps must be at least 1, got 0"),
+        (["--realism-steps", "7", "--no-realism"], "--realism-steps 7 trains the realism test's"),
+    ):
+        refused = invoke(*args, *bad)
+        assert refused.exit_code == 2, refused.output
+        assert message in refused.output
+        assert clean_exit(refused), refused.exception

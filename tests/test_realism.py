@@ -175,3 +175,22 @@ def test_realism_by_cue_finds_a_colour_change_in_colour_and_fine_detail_in_grey(
     assert speck["grey"].auc > 0.95 and speck["blur"].auc < 0.75, speck
     with pytest.raises(ValueError, match="unknown cue 'hue'; the cues are colour, grey, blur"):
         realism_by_cue(real, other, cues=("hue",))
+
+
+def test_a_larger_test_trains_for_proportionally_more_steps(monkeypatch):
+    from dgan.metrics.realism import PER_STEPS, scaled_steps
+
+    assert scaled_steps(300, PER_STEPS) == 300  # the demo size: as many steps as asked
+    assert scaled_steps(300, 5 * PER_STEPS) == 1500  # five times the images, five times the steps
+    assert scaled_steps(20, 100) == 20  # never fewer
+    taken = []
+    adam_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        taken.append(1)
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    images = torch.randint(0, 256, (2 * PER_STEPS, 3, 8, 8), dtype=torch.uint8)
+    two_sample_test(images, images.flip(0), seed=0, steps=3)  # trains on 2 * PER_STEPS images
+    assert len(taken) == scaled_steps(3, 2 * PER_STEPS) == 6

@@ -48,7 +48,13 @@ from dgan.evaluation.inputs import load_images, real_defects, seeded_order
 from dgan.inference import deface, restore
 from dgan.io import atomic_write_text
 from dgan.metrics.fid import require_images
-from dgan.metrics.realism import STEPS, halves_test, repeated_test, two_sample_test
+from dgan.metrics.realism import (
+    PER_STEPS,
+    STEPS,
+    halves_test,
+    repeated_test,
+    two_sample_test,
+)
 
 DEFAULT_N = 600  # real defects per test: the demo set's whole train split
 OWN_MIN = 40  # real defects a label set needs for a classifier of its own: 20 held out
@@ -126,7 +132,7 @@ def make_realism_inputs(
         [label_set_name(row, classes) for row in labels.tolist()],
         load_images(picked[:count], image_size),
         load_images(picked[count:], image_size),
-        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}"
+        f"{digest.hexdigest()[:16]}-{image_size}-{seed}-{steps}per{PER_STEPS}"
         + f"-x{repeats}" * (repeats > 1)
         + "-own" * by_set,
         steps,

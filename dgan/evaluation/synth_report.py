@@ -187,7 +187,7 @@ def evaluate_synthesis(
     tracking_uri: str | None = None,
     realism: bool = True,
     cache_dir: Path = REALISM_CACHE,
-    realism_steps: int = STEPS,
+    realism_steps: int | None = None,
     realism_repeats: int = 1,
     control_repeats: int = 1,
     realism_n: int | None = None,
@@ -196,7 +196,8 @@ def evaluate_synthesis(
     """Realism, category control, background preservation, spatial control and diversity of G on
     the split's normals, and on the held-out surface family (split "transfer") when there is one.
     `realism=False` skips the realism test (about 20 s a split at 32 px on 2 CPU cores);
-    `realism_steps` trains its classifier for fewer steps than the full test's (a quick look);
+    `realism_steps`: its classifier's Adam steps per 600 training images (None: STEPS, 300);
+    fewer give a quick look, more a test closer to finished;
     `realism_repeats` averages each realism figure over that many classifier seeds;
     `control_repeats` has the inspector judge that many defacements per real defect, each on
     other normals (the label-set figures; the realism test takes the first);
@@ -210,7 +211,7 @@ def evaluate_synthesis(
         raise DganError(f"--n must be positive, got {n}", exit_code=2)
     check_realism_repeats(realism_repeats)
     check_control_repeats(control_repeats, inspector, realism)
-    check_realism_options(realism_n, realism, realism_by_set)
+    check_realism_options(realism_n, realism, realism_by_set, realism_steps)
     device = default_device()
     source = resolve_model(model, "gan", tracking_uri=tracking_uri)
     G, gan_config, classes = load_generator_from(source, device)
@@ -234,8 +235,8 @@ def evaluate_synthesis(
         if realism:
             inputs = make_realism_inputs(
                 index, name, columns, classes, size, seed, n=realism_n or DEFAULT_N,
-                steps=realism_steps, repeats=realism_repeats, control_repeats=control_repeats,
-                by_set=realism_by_set,
+                steps=STEPS if realism_steps is None else realism_steps,
+                repeats=realism_repeats, control_repeats=control_repeats, by_set=realism_by_set,
             )  # fmt: skip
             figures[name] |= realism_floors(inputs, seed, cache_dir)
             figures[name] |= realism_figures(
