@@ -731,6 +731,8 @@ def eval_synth(
 
     Example: dgan data demo --out data/ref --n-normal 10000 --n-defect 5000 --seed 9 && dgan eval
     synth runs/gan/00000-gan data/ref --realism-n 3000 --realism-by-set
+
+    Example: dgan eval synth runs/gan/00000-gan data/demo --realism-steps 1500
     """
     from dgan.evaluation.synth_report import evaluate_synthesis
     from dgan.io import atomic_write_text
