@@ -216,7 +216,7 @@ def _eval_synth(spec, job_dir: Path, events, progress: Progress) -> dict[str, An
     report = evaluate_synthesis(
         s.model, Path(s.data), s.inspector, s.n, s.split, s.seed, s.batch_size, s.tracking_uri,
         realism=s.realism, realism_repeats=s.realism_repeats, control_repeats=s.control_repeats,
-        realism_n=s.realism_n, realism_by_set=s.realism_by_set,
+        realism_n=s.realism_n, realism_by_set=s.realism_by_set, realism_steps=s.realism_steps,
     )  # fmt: skip
     # Figures on the held-out family end in _transfer, as during training.
     metrics = {

@@ -133,6 +133,7 @@ class EvalSynthSpec(SpecBase):
     control_repeats: int = Field(1, ge=1, le=MAX_CONTROL_REPEATS)
     realism_n: int | None = Field(None, ge=4)  # real defects per realism test, at most
     realism_by_set: bool = False  # a classifier of its own per label set, too
+    realism_steps: int | None = Field(None, ge=1)  # per 600 training images (None: 300)
     json_out: str | None = None
 
 
@@ -339,7 +340,9 @@ def _eval_fid(params: dict[str, Any], common: dict[str, Any]) -> EvalFidSpec:
 def _eval_synth(params: dict[str, Any], common: dict[str, Any]) -> EvalSynthSpec:
     check_realism_repeats(params["realism_repeats"])  # as `dgan eval synth` checks them
     check_control_repeats(params["control_repeats"], params["inspector"], params["realism"])
-    check_realism_options(params["realism_n"], params["realism"], params["realism_by_set"])
+    check_realism_options(
+        params["realism_n"], params["realism"], params["realism_by_set"], params["realism_steps"]
+    )
     return _eval(EvalSynthSpec)(params, common)
 
 

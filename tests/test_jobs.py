@@ -270,6 +270,8 @@ steps:
          "--realism-n must be at least 4, got 3"),
         (["submit", "eval-synth", "m", "d", "--realism-by-set", "--no-realism"],
          "--realism-by-set adds to the realism test, which --no-realism skips"),
+        (["submit", "eval-synth", "m", "d", "--realism-steps", "0"],
+         "--realism-steps must be at least 1, got 0"),
         (["pipeline", "{cycle}"], "wait on each other in a circle: a -> b -> a"),
         (["pipeline", "{missing}"], "'gan' (train-gan) makes model, run_dir"),
         (["pipeline", "{later}"], "'gan' is not an earlier step"),
@@ -278,7 +280,7 @@ steps:
         "unknown-kind", "unknown-option", "unknown-key", "bad-value", "bad-arguments",
         "resume", "missing-dependency", "missing-reference", "tune-config", "realism-repeats",
         "control-repeats", "control-repeats-without-inspector", "realism-n",
-        "realism-by-set-without-realism", "cycle",
+        "realism-by-set-without-realism", "realism-steps", "cycle",
         "output-not-made", "output-of-a-later-step",
     ],
 )  # fmt: skip
@@ -326,7 +328,8 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
         "eval-inspector": ["m", "d", "--split", "val"],
         "eval-fid": ["m", "d", "--n", "4"],
         "eval-synth": ["m", "d", "--inspector", "i", "--realism-repeats", "3",
-                       "--control-repeats", "2", "--realism-n", "40", "--realism-by-set"],
+                       "--control-repeats", "2", "--realism-n", "40", "--realism-by-set",
+                       "--realism-steps", "90"],
         "tune": ["--set", "trials=4"],
         "noop": ["--seconds", "0.5"],
     }  # fmt: skip
@@ -343,6 +346,7 @@ def test_every_kind_takes_its_commands_options_and_its_spec_round_trips(workdir)
     evaluation = build_spec("eval-synth", examples["eval-synth"])
     assert (evaluation.realism_repeats, evaluation.control_repeats) == (3, 2)
     assert (evaluation.realism_n, evaluation.realism_by_set) == (40, True)
+    assert evaluation.realism_steps == 90
 
 
 def test_the_example_pipeline_is_a_valid_dag_of_the_papers_table3(workdir):
